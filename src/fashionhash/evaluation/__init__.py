@@ -1,0 +1,1 @@
+"""Evaluation: pure-numpy retrieval metrics and ``evaluate_run``."""

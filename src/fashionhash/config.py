@@ -1,0 +1,143 @@
+"""Typed run configuration: defaults live in dataclasses, YAML files and dotted
+``key=value`` overrides change them, and the resolved result is saved into every run."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "kaggle"  # kaggle | fashion_mnist | manifest
+    root: str | None = None  # Kaggle folder / manifest CSV / Fashion-MNIST npz; None = default
+    label_key: str = "articleType"
+    min_per_class: int = 50
+    n_query: int = 1000
+    n_val: int = 1000
+    split_seed: int = 0
+    limit: int | None = None  # subsample the catalogue (tests, smoke runs)
+    n_views: int = 1  # augmented views per training item (item-level positives)
+    n_damaged: int = 1000  # damaged query copies for the same-product evaluation
+    augment_strength: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 128
+    mode: str = "frozen"  # frozen (cached features) | finetune (end to end)
+    n_bits: int = 64
+    hidden: int = 1024
+    dropout: float = 0.1
+    engine: str = "onnx"  # feature extraction engine for frozen mode: onnx | torch
+
+
+@dataclass
+class MethodConfig:
+    name: str = "adversarial"
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific hyper-parameters
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_disc: float = 1e-3
+    lr_backbone: float = 1e-4  # finetune mode only
+    weight_decay: float = 1e-5
+    seed: int = 0
+    select_metric: str = "map@1000"  # chosen on the val split, never on test queries
+    num_workers: int = 2
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: str) -> Any:
+    """A command-line value as YAML would read it (numbers, bools, null, lists)."""
+    return yaml.safe_load(value)
+
+
+def _apply(obj: Any, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(obj, dict):
+            obj = obj.setdefault(part, {})
+        elif dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+            obj = getattr(obj, part)
+        else:
+            raise KeyError(f"{where}: unknown config key {'.'.join(parts[:i + 1])!r}")
+    last = parts[-1]
+    if isinstance(obj, dict):
+        obj[last] = value
+        return
+    names = {f.name for f in dataclasses.fields(obj)}
+    if last not in names:
+        raise KeyError(f"{where}: unknown config key {key!r}; known here: {sorted(names)}")
+    current = getattr(obj, last)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: {key!r} takes a mapping")
+        for k, v in value.items():
+            _apply(current, k, v, where)
+        return
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise TypeError(f"{where}: {key!r} takes true/false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    setattr(obj, last, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | dict | None = None) -> Config:
+    """Defaults <- ``base`` (a resolved dict from a run) <- YAML file <- ``key=value`` overrides."""
+    cfg = Config()
+    if isinstance(base, Config):
+        cfg = base
+    elif isinstance(base, dict):
+        for k, v in base.items():
+            _apply(cfg, k, v, "saved config")
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file is a mapping")
+        for k, v in data.items():
+            _apply(cfg, k, v, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        _apply(cfg, k.strip(), _coerce(v), "override")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with ``-dirty`` when uncommitted changes exist)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,117 @@
+"""Evaluate a trained run on its test queries: class-level retrieval metrics, the graded
+"subjective" score, and the same-product test on damaged copies of the query photos.
+
+Writes ``metrics.json``, ``pr_curve.png`` and the codes (``codes/*.npz``: ids + packed bits)
+into the run directory. Reads codes and labels; never imports training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fashionhash import codes as C
+from fashionhash.data.catalogue import GRADED_ATTRIBUTES
+from fashionhash.evaluation.metrics import evaluate_retrieval, plot_pr_curves, rerank_key, same_item_topk
+from fashionhash.pipeline import DAMAGED_SEED, item_features, load_run, open_data
+
+log = logging.getLogger(__name__)
+
+PhaseFactory = Callable[[str, int], Callable[[int], None] | None]
+
+
+def _encode_items(run, cat, positions, *, augment_seed=None, strength=1.0, phase=None, label=""):
+    """Relaxed codes ``(n, K)`` and ok mask of catalogue items (cached features when frozen)."""
+    progress = phase(label, len(positions)) if phase else None
+    m = run.cfg.model
+    if m.mode == "frozen":
+        feats, ok = item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
+                                  progress=progress, num_workers=run.cfg.train.num_workers)
+        return run.codes_from_inputs(feats), ok
+    sources = cat.sources()
+    real, ok = [], []
+    for s in range(0, len(positions), 2048):
+        chunk = [sources[i] for i in positions[s:s + 2048]]
+        r, o = run.encode_sources(chunk, augment_seed=None if augment_seed is None else augment_seed + s,
+                                  strength=strength)
+        real.append(r)
+        ok.append(o)
+        if progress:
+            progress(len(chunk))
+    return np.concatenate(real), np.concatenate(ok)
+
+
+def same_product_eval(q_real_damaged: np.ndarray, gallery_packed: np.ndarray, true_index: np.ndarray,
+                      n_bits: int, ks=(1, 10)) -> dict:
+    """Top-k hit rates of the one true item for damaged query copies (tie-aware), with plain
+    Hamming ranking and with tie re-ranking by the asymmetric distance."""
+    dist = C.hamming(C.pack(q_real_damaged), gallery_packed)
+    out = {f"same_product_top{k}": v for k, v in same_item_topk(dist, true_index, ks).items()}
+    rerank = rerank_key(dist, C.asymmetric_distance(q_real_damaged, gallery_packed, n_bits), n_bits)
+    out.update({f"same_product_top{k}_rerank": v
+                for k, v in same_item_topk(rerank, true_index, ks).items()})
+    return out
+
+
+def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
+                 checkpoint: str = "best") -> dict:
+    """Evaluate ``run_dir`` on its test queries; returns and saves the metrics."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, checkpoint)
+    cfg = run.cfg
+    cat, split = open_data(cfg, run_dir / "split.json")
+    pos_q, pos_db = cat.positions(split.query), cat.positions(split.database)
+    q_real, q_ok = _encode_items(run, cat, pos_q, phase=phase, label="encode queries")
+    db_real, db_ok = _encode_items(run, cat, pos_db, phase=phase, label="encode database")
+    pos_q, q_real = pos_q[q_ok], q_real[q_ok]
+    pos_db, db_real = pos_db[db_ok], db_real[db_ok]
+    t_enc = time.time() - t0
+    q_packed, db_packed = C.pack(q_real), C.pack(db_real)
+    keys = tuple(k for k in GRADED_ATTRIBUTES if k in cat.attrs)
+    labels = cat.labels
+    metrics = evaluate_retrieval(
+        q_packed, db_packed, run.n_bits, labels[pos_q], labels[pos_db],
+        query_attrs={k: cat.attrs[k][pos_q] for k in keys} if keys else None,
+        db_attrs={k: cat.attrs[k][pos_db] for k in keys} if keys else None,
+        attr_keys=keys, query_real=q_real,
+    )
+    pr = metrics.pop("pr_curve", None)
+
+    # same product: damaged copies of the first n_damaged queries against database + originals
+    n_dam = min(cfg.data.n_damaged, len(pos_q))
+    if n_dam:
+        dam_pos = pos_q[:n_dam]
+        dam_real, dam_ok = _encode_items(run, cat, dam_pos, augment_seed=DAMAGED_SEED,
+                                         strength=cfg.data.augment_strength, phase=phase,
+                                         label="encode damaged copies")
+        gallery = np.concatenate([db_packed, q_packed])
+        true_index = len(db_packed) + np.arange(n_dam)
+        metrics.update(same_product_eval(dam_real[dam_ok], gallery, true_index[dam_ok], run.n_bits))
+        metrics["n_damaged"] = int(dam_ok.sum())
+
+    metrics.update({
+        "n_bits": run.n_bits, "n_query": int(len(pos_q)), "n_database": int(len(pos_db)),
+        "distinct_database_codes": int(len(np.unique(db_packed, axis=0))),
+        "method": cfg.method.name, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
+        "dataset": cfg.data.dataset, "checkpoint_epoch": run.meta["checkpoint_epoch"],
+        "eval_seconds": round(time.time() - t0, 2), "encode_seconds": round(t_enc, 2),
+    })
+    codes_dir = run_dir / "codes"
+    codes_dir.mkdir(exist_ok=True)
+    np.savez(codes_dir / "database.npz", ids=cat.ids[pos_db], packed=db_packed, n_bits=run.n_bits)
+    np.savez(codes_dir / "query.npz", ids=cat.ids[pos_q], packed=q_packed, real=q_real,
+             n_bits=run.n_bits)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if pr is not None:
+        plot_pr_curves({f"{cfg.method.name} {run.n_bits} bits": (np.asarray(pr["precision"]),
+                                                               np.asarray(pr["recall"]))},
+                       run_dir / "pr_curve.png", title=f"{cfg.data.dataset}: precision-recall over Hamming radius")
+        metrics["pr_curve"] = pr
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+

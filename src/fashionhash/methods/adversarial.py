@@ -1,0 +1,137 @@
+"""The paper's method: adversarially trained deep neural semantic hashing.
+
+Singh, Sheet & Dasgupta (2019), "Adversarially trained deep neural semantic hashing scheme
+for subjective search in fashion inventory", arXiv:1907.00382. The encoder is trained to
+
+(i) classify the type of clothing (a classifier that reads the code, so its gradient
+    reaches the encoder);
+(ii) minimise the Hamming distance between semantic neighbours and maximise it between
+    dissimilar images (:class:`~fashionhash.losses.PairwiseHammingLoss`);
+(iii) "maximally scramble a discriminator's ability to identify the corresponding hash
+    code-image pair when processing a semantically similar query-gallery image pair".
+
+Formulation of (iii) used here. For a semantically similar pair (q, g), the discriminator
+``D(f_q, h)`` sees the query's image representation ``f_q`` with the query's own code
+``h_q`` (label 1) and with the gallery item's code ``h_g`` (label 0), and is trained to tell
+them apart (:class:`~fashionhash.losses.DiscriminatorLoss`). The encoder is trained with an
+explicit confusion target (:class:`~fashionhash.losses.ConfusionLoss`: both answers pushed
+to 1/2), so the codes of similar items become interchangeable for any discriminator that
+also sees the image. Similar pairs are (a) two augmented views of the same photo, the
+closest neighbours there are, which teaches the codes to survive a shopper's re-shot,
+cropped or re-compressed photo, and (b) two items of the same clothing type in the batch.
+The representation ``f`` is detached: the discriminator judges codes, it does not shape
+the features. The public implementation's bug, that the classifier and adversarial losses
+never reached the encoder, is what the gradient tests in ``tests/test_losses.py`` rule out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fashionhash.losses import (
+    ClassificationLoss, ConfusionLoss, DiscriminatorLoss, PairwiseHammingLoss,
+    QuantizationLoss, WeightedSum,
+)
+from fashionhash.methods.base import METHODS, HashingMethod, pair_similarity
+from fashionhash.models.heads import Discriminator
+
+
+@METHODS.register("adversarial")
+class AdversarialHashing(HashingMethod):
+    """Singh et al. (2019): classification + pairwise Hamming + adversarial confusion
+    (+ quantisation). Set a weight to 0 for an ablation (``w_adv=0``: no adversary)."""
+
+    def __init__(self, feat_dim: int, n_bits: int, n_classes: int, *, hidden: int = 1024,
+                 dropout: float = 0.1, backbone: nn.Module | None = None,
+                 w_cls: float = 1.0, w_pair: float = 1.0, w_adv: float = 0.2,
+                 w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45,
+                 class_sim: float = 0.5, graded: bool = False, disc_width: int = 256,
+                 adv_pairs: str = "both") -> None:
+        super().__init__(feat_dim, n_bits, n_classes, hidden=hidden, dropout=dropout,
+                         backbone=backbone)
+        if adv_pairs not in ("item", "class", "both"):
+            raise ValueError("adv_pairs is item, class or both")
+        self.classifier = nn.Linear(n_bits, n_classes)
+        self.discriminator = Discriminator(feat_dim, n_bits, width=disc_width)
+        self.cls_loss = ClassificationLoss()
+        self.pair_loss = PairwiseHammingLoss(m_pos=m_pos, m_neg=m_neg)
+        self.quant_loss = QuantizationLoss()
+        self.disc_loss = DiscriminatorLoss()
+        self.conf_loss = ConfusionLoss()
+        self.weights = WeightedSum({"cls": w_cls, "pair": w_pair, "adv": w_adv, "quant": w_quant})
+        self.class_sim, self.graded, self.adv_pairs = class_sim, graded, adv_pairs
+
+    def head_modules(self):
+        yield self.head
+        yield self.classifier
+
+    def param_groups(self) -> dict[str, list[dict]]:
+        groups = super().param_groups()
+        groups["discriminator"] = [{"params": list(self.discriminator.parameters()), "name": "disc"}]
+        return groups
+
+    def _similar_pairs(self, y: torch.Tensor, n: int, has_views: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (q, g) into the stacked batch of similar pairs for the discriminator."""
+        qs, gs = [], []
+        if has_views and self.adv_pairs in ("item", "both"):
+            idx = torch.arange(n, device=y.device)
+            qs += [idx, idx + n]
+            gs += [idx + n, idx]
+        if self.adv_pairs in ("class", "both"):
+            yy = y[:n]
+            same = (yy[:, None] == yy[None, :]) & ~torch.eye(n, dtype=torch.bool, device=y.device)
+            has = same.any(dim=1)
+            if has.any():
+                # one random same-class partner per anchor: argmax of random scores on the mask
+                scores = torch.rand(same.shape, device=y.device).masked_fill(~same, -1.0)
+                partner = scores.argmax(dim=1)
+                q = torch.nonzero(has).squeeze(1)
+                qs.append(q)
+                gs.append(partner[q])
+        if not qs:
+            empty = torch.zeros(0, dtype=torch.long, device=y.device)
+            return empty, empty
+        return torch.cat(qs), torch.cat(gs)
+
+    def loss_parts(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict]:
+        """The un-weighted terms ``{"cls", "pair", "quant", "adv"}`` (encoder side), the
+        discriminator's own loss (``None`` when the batch has no similar pair) and extra logs."""
+        x, y, item = batch["x"], batch["y"], batch["item"]
+        n = len(y)
+        has_views = batch.get("x_view") is not None
+        inputs = torch.cat([x, batch["x_view"]]) if has_views else x
+        feats = self.features(inputs)
+        codes = torch.tanh(self.head(feats))
+        yy = torch.cat([y, y]) if has_views else y
+        items = torch.cat([item, item]) if has_views else item
+        attrs = batch.get("attrs") if self.graded else None
+        if attrs is not None and has_views:
+            attrs = torch.cat([attrs, attrs])
+        sim = pair_similarity(yy, items, self.class_sim, attrs)
+        parts = {
+            "cls": self.cls_loss(self.classifier(codes), yy),
+            "pair": self.pair_loss(codes, sim),
+            "quant": self.quant_loss(codes),
+        }
+        disc, logs = None, {}
+        q, g = self._similar_pairs(yy, n, has_views)
+        if len(q):
+            f = feats.detach()
+            parts["adv"] = self.conf_loss(self.discriminator(f[q], codes[q]),
+                                          self.discriminator(f[q], codes[g]))
+            cd = codes.detach()
+            d_own, d_swapped = self.discriminator(f[q], cd[q]), self.discriminator(f[q], cd[g])
+            disc = self.disc_loss(d_own, d_swapped)
+            with torch.no_grad():
+                logs["disc"] = float(disc)
+                logs["disc_acc"] = float(0.5 * ((d_own > 0).float().mean() + (d_swapped < 0).float().mean()))
+        return parts, disc, logs
+
+    def objectives(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        parts, disc, logs = self.loss_parts(batch)
+        total, logged = self.weights(parts)
+        losses = {"encoder": total}
+        if disc is not None:
+            losses["discriminator"] = disc
+        logged.update(logs)
+        return losses, logged

@@ -1,0 +1,222 @@
+"""Glue between data, models and codes, shared by training, evaluation, the CLI and the
+service: open a run's data, compute (cached) backbone features, build and load a run's
+model, and turn items or photos into codes.
+
+Data flows one way: photos -> data -> models -> codes. Nothing here imports training.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fashionhash.config import Config, ModelConfig, load_config
+from fashionhash.data.cache import array_digest, cached_array
+from fashionhash.data.catalogue import GRADED_ATTRIBUTES, Catalogue, open_catalogue
+from fashionhash.data.splits import Split, make_split
+from fashionhash.methods import METHODS, HashingMethod
+from fashionhash.models.backbones import BACKBONES, preprocessing_for
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+PARTS = ("train", "val", "query")
+#: seeds of the augmentation streams: training views and the damaged query copies differ
+VIEW_SEED, DAMAGED_SEED = 1_000, 9_000
+
+
+def open_data(cfg: Config, split_path: Path | None = None) -> tuple[Catalogue, Split]:
+    """The catalogue and the split: loaded from ``split_path`` when it exists (every
+    method of a comparison uses the same file), else drawn from the config and saved there."""
+    d = cfg.data
+    cat = open_catalogue(d.dataset, d.root, label_key=d.label_key)
+    if d.limit:
+        # a seeded, class-stratified-enough subsample: random items, fixed seed
+        rng = np.random.default_rng(d.split_seed + 7)
+        keep = np.sort(rng.choice(len(cat), size=min(d.limit, len(cat)), replace=False))
+        cat = cat.subset(keep)
+    if split_path is not None and Path(split_path).is_file():
+        split = Split.load(split_path)
+    else:
+        split = make_split(cat, seed=d.split_seed, n_query=d.n_query, n_val=d.n_val,
+                           min_per_class=d.min_per_class)
+        if split_path is not None:
+            split.save(split_path)
+    return cat, split
+
+
+@dataclass
+class Labels:
+    """Class indices and attribute indices of catalogue items (positions)."""
+
+    classes: list[str]
+    y: np.ndarray  # (N,) int64, -1 for items of excluded classes
+    attrs: np.ndarray  # (N, A) int64 attribute value indices (-1 = missing)
+    attr_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def build(cls, cat: Catalogue, classes: Sequence[str]) -> "Labels":
+        lookup = {c: i for i, c in enumerate(classes)}
+        y = np.array([lookup.get(v, -1) for v in cat.labels], dtype=np.int64)
+        keys = tuple(k for k in GRADED_ATTRIBUTES if k in cat.attrs and k != cat.label_key)
+        cols = []
+        for k in keys:
+            vals = cat.attrs[k]
+            uniq, inv = np.unique(vals, return_inverse=True)
+            inv = inv.astype(np.int64)
+            inv[vals == ""] = -1
+            cols.append(inv)
+        attrs = np.stack(cols, axis=1) if cols else np.zeros((len(cat), 0), np.int64)
+        return cls(list(classes), y, attrs, keys)
+
+
+def _extract(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *, augment_seed: int | None,
+             strength: float, progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    from fashionhash.models.features import extract_features
+
+    sources = [cat.sources()[i] for i in positions] if cat.paths is None else list(cat.paths[positions])
+    return extract_features(
+        sources, mcfg.backbone, image_size=mcfg.image_size, engine=mcfg.engine,
+        augment_seed=augment_seed, augment_strength=strength, progress=progress,
+        num_workers=num_workers,
+    )
+
+
+def item_features(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
+                  augment_seed: int | None = None, strength: float = 1.0,
+                  progress: Progress | None = None, num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Cached backbone features of catalogue items: ``(n, F)`` float32 and ``(n,)`` ok mask.
+
+    With ``augment_seed``, of an augmented copy of each item (deterministic per item)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    key = {
+        "catalogue": cat.fingerprint(), "positions": array_digest(positions),
+        "backbone": mcfg.backbone, "size": mcfg.image_size,
+        "augment_seed": augment_seed, "strength": strength if augment_seed is not None else None,
+        "version": 1,
+    }
+    return cached_array(key, lambda: _extract(cat, positions, mcfg, augment_seed=augment_seed,
+                                              strength=strength, progress=progress,
+                                              num_workers=num_workers))
+
+
+def image_array(source, spec, size: int, rng: np.random.Generator | None = None,
+                strength: float = 1.0) -> np.ndarray:
+    """One photo (path, PIL image or ``(H, W)`` uint8 array) -> model input ``(C, S, S)``,
+    augmented when ``rng`` is given. Raises ``ImageError`` for an unreadable photo."""
+    from PIL import Image
+
+    from fashionhash.data.transforms import augment, load_image, preprocess
+
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(source).convert("RGB")
+    elif isinstance(source, Image.Image):
+        img = source.convert("RGB")
+    else:
+        img = load_image(source)
+    if rng is not None:
+        img = augment(img, rng, strength)
+    return preprocess(img, size, spec.mean, spec.std, channels=spec.channels)
+
+
+def images_to_array(sources: Sequence, backbone: str, size: int, *, augment_seed: int | None = None,
+                    strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Photos -> ``(N, C, S, S)`` float32 model inputs and ``(N,)`` ok mask (finetune mode)."""
+    from fashionhash.data.transforms import ImageError
+
+    spec = preprocessing_for(backbone)
+    out = np.zeros((len(sources), spec.channels, size, size), np.float32)
+    ok = np.zeros(len(sources), bool)
+    for i, src in enumerate(sources):
+        rng = None if augment_seed is None else np.random.default_rng([augment_seed, i])
+        try:
+            out[i] = image_array(src, spec, size, rng, strength)
+            ok[i] = True
+        except ImageError as e:
+            log.warning("%s", e)
+    return out, ok
+
+
+@functools.lru_cache(maxsize=None)
+def feature_dim(backbone: str) -> int:
+    """Width of a backbone's pooled features."""
+    return int(BACKBONES.build(backbone, pretrained=False).feat_dim)
+
+
+def build_method(cfg: Config, n_classes: int) -> HashingMethod:
+    """The configured method, with a backbone inside only in finetune mode."""
+    m = cfg.model
+    if m.mode not in ("frozen", "finetune"):
+        raise ValueError(f"model.mode is frozen or finetune, not {m.mode!r}")
+    # frozen mode trains on cached features: the backbone is only built to read its width
+    backbone = BACKBONES.build(m.backbone) if m.mode == "finetune" else None
+    feat_dim = backbone.feat_dim if backbone is not None else feature_dim(m.backbone)
+    return METHODS.build(cfg.method.name, feat_dim, m.n_bits, n_classes, hidden=m.hidden,
+                         dropout=m.dropout, backbone=backbone, **cfg.method.params)
+
+
+@dataclass
+class Run:
+    """A trained run loaded for inference (best checkpoint, eval mode)."""
+
+    path: Path
+    cfg: Config
+    method: HashingMethod
+    classes: list[str]
+    meta: dict
+
+    @property
+    def n_bits(self) -> int:
+        return self.cfg.model.n_bits
+
+    @torch.no_grad()
+    def codes_from_inputs(self, x: np.ndarray | torch.Tensor, batch: int = 4096) -> np.ndarray:
+        """Features (frozen) or preprocessed images (finetune) ``(N, ...)`` -> relaxed ``(N, K)``."""
+        self.method.eval()
+        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+        out = [self.method.encode(x[i:i + batch].float()) for i in range(0, len(x), batch)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.n_bits), np.float32)
+
+    def encode_sources(self, sources: Sequence, *, augment_seed: int | None = None,
+                       strength: float = 1.0, progress: Progress | None = None,
+                       num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """Photos (paths, PIL images or arrays) -> relaxed codes ``(N, K)`` and ok mask ``(N,)``.
+
+        Unreadable photos get a zero code and ``ok=False``."""
+        m = self.cfg.model
+        if m.mode == "frozen":
+            from fashionhash.models.features import extract_features
+
+            feats, ok = extract_features(list(sources), m.backbone, image_size=m.image_size,
+                                         engine=m.engine, augment_seed=augment_seed,
+                                         augment_strength=strength, progress=progress,
+                                         num_workers=num_workers)
+            return self.codes_from_inputs(feats), ok
+        x, ok = images_to_array(list(sources), m.backbone, m.image_size,
+                                augment_seed=augment_seed, strength=strength)
+        return self.codes_from_inputs(x), ok
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
+    """Load a run directory written by :func:`fashionhash.training.train`."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path} missing: has the run finished an epoch?")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    method = build_method(cfg, len(meta["classes"]))
+    method.load_state_dict(state["method"])
+    method.eval()
+    meta = dict(meta, checkpoint=checkpoint, checkpoint_epoch=int(state.get("epoch", -1)))
+    return Run(run_dir, cfg, method, meta["classes"], meta)

@@ -1,0 +1,301 @@
+"""The trainer: Adam per optimiser group (encoder; discriminator for adversarial methods),
+seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, and the
+best checkpoint chosen on the validation split (never on the test queries).
+
+A run directory holds: ``config.yaml`` (resolved), ``meta.json`` (git commit, classes,
+versions), ``split.json``, ``log.jsonl``, ``checkpoints/{last,best}.pt`` and, after
+evaluation, ``metrics.json`` and ``pr_curve.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fashionhash import codes as C
+from fashionhash.config import Config, git_commit, load_config, save_config
+from fashionhash.evaluation.metrics import mean_average_precision, relevance_from_labels, top1_expected
+from fashionhash.pipeline import (
+    VIEW_SEED, Labels, build_method, image_array, item_features, open_data,
+)
+from fashionhash.models.backbones import preprocessing_for
+
+log = logging.getLogger(__name__)
+VAL_DB_IMAGES = 10_000  # finetune mode: validation database sample size
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks the CLI uses for progress bars; the library itself only logs."""
+
+    on_phase: Callable[[str, int], Callable[[int], None] | None] = lambda name, total: None
+    on_step: Callable[[int, int, int, dict], None] = lambda epoch, step, n, parts: None
+    on_epoch: Callable[[dict], None] = lambda record: None
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _JsonLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record) -> None:
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _FrozenBatches:
+    """Batches of cached features: ``x (B, F)``, one random augmented view ``x_view (B, F)``."""
+
+    def __init__(self, feats: np.ndarray, views: np.ndarray | None, y: np.ndarray,
+                 attrs: np.ndarray, batch_size: int) -> None:
+        self.x = torch.from_numpy(feats)
+        self.views = None if views is None else torch.from_numpy(views)  # (V, N, F)
+        self.y, self.attrs = torch.from_numpy(y), torch.from_numpy(attrs)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return max(1, len(self.y) // self.batch_size)  # drop the ragged last batch
+
+    def epoch(self, rng: np.random.Generator):
+        perm = torch.from_numpy(rng.permutation(len(self.y)))
+        for s in range(len(self)):
+            idx = perm[s * self.batch_size:(s + 1) * self.batch_size]
+            batch = {"x": self.x[idx], "y": self.y[idx], "item": idx, "attrs": self.attrs[idx]}
+            if self.views is not None:
+                v = torch.from_numpy(rng.integers(0, len(self.views), size=len(idx)))
+                batch["x_view"] = self.views[v, idx]
+            yield batch
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Photos for finetune mode: an augmented input and (optionally) a second augmented view,
+    deterministic per (seed, epoch, item) so that resume reproduces the same stream."""
+
+    def __init__(self, sources, y, attrs, spec, size, seed, strength, views: bool) -> None:
+        self.sources, self.y, self.attrs = sources, y, attrs
+        self.spec, self.size, self.seed, self.strength, self.views = spec, size, seed, strength, views
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x = image_array(self.sources[i], self.spec, self.size, rng, 0.5 * self.strength)
+        out = {"x": torch.from_numpy(x), "y": int(self.y[i]), "item": i,
+               "attrs": torch.from_numpy(self.attrs[i])}
+        if self.views:
+            out["x_view"] = torch.from_numpy(image_array(self.sources[i], self.spec, self.size, rng,
+                                                         self.strength))
+        return out
+
+
+def _readable(cat, positions) -> np.ndarray:
+    from fashionhash.data.transforms import ImageError, load_image
+
+    if cat.paths is None:
+        return np.ones(len(positions), bool)
+    ok = np.ones(len(positions), bool)
+    for j, p in enumerate(positions):
+        try:
+            load_image(cat.paths[p])
+        except ImageError:
+            ok[j] = False
+    return ok
+
+
+def _val_metrics(q_real, db_real, q_y, db_y) -> dict:
+    dist = C.hamming(C.pack(q_real), C.pack(db_real))
+    rel = relevance_from_labels(q_y, db_y)
+    return {"map@1000": float(mean_average_precision(dist, rel, k=1000)),
+            "top1": float(top1_expected(dist, rel))}
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
+          callbacks: Callbacks | None = None) -> Path:
+    """Train ``cfg`` into ``run_dir`` (resuming from ``checkpoints/last.pt`` when asked)."""
+    cb = callbacks or Callbacks()
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    last_path = ckpt_dir / "last.pt"
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir} has no config.yaml")
+    elif last_path.is_file():
+        raise FileExistsError(f"{run_dir} already holds a run: use --resume or another --run-dir")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    threads = cfg.train.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    jlog = _JsonLog(run_dir / "log.jsonl")
+
+    # ---- data ------------------------------------------------------------------------
+    cat, split = open_data(cfg, run_dir / "split.json")
+    classes = list(split.protocol["classes"])
+    labels = Labels.build(cat, classes)
+    pos = {p: cat.positions(getattr(split, p)) for p in ("train", "val")}
+    mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
+    spec = preprocessing_for(mcfg.backbone)
+    n_views = dcfg.n_views if mcfg.mode == "frozen" else int(dcfg.n_views > 0)
+    frozen = mcfg.mode == "frozen"
+    if frozen:
+        feats, ok = {}, {}
+        for p in ("train", "val"):
+            feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
+                                            progress=cb.on_phase(f"features {p}", len(pos[p])))
+        views = []
+        for v in range(n_views):
+            f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
+                                 strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
+                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
+            views.append(f)
+            ok["train"] = ok["train"] & o
+    else:
+        ok = {p: _readable(cat, pos[p]) for p in ("train", "val")}
+    for p in ("train", "val"):
+        if not ok[p].all():
+            log.warning("%s: %d unreadable photos left out", p, int((~ok[p]).sum()))
+    tr = pos["train"][ok["train"]]
+    y_tr, y_val = labels.y[tr], labels.y[pos["val"][ok["val"]]]
+
+    meta_path = run_dir / "meta.json"
+    if not meta_path.is_file():
+        meta = {
+            "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "classes": classes, "n_train": int(len(tr)), "command": sys.argv,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "threads": threads, "attr_keys": list(labels.attr_keys),
+        }
+        meta_path.write_text(json.dumps(meta, indent=1))
+
+    # ---- model -----------------------------------------------------------------------
+    torch.manual_seed(tcfg.seed)
+    method = build_method(cfg, len(classes))
+    lrs = {"heads": tcfg.lr, "backbone": tcfg.lr_backbone, "disc": tcfg.lr_disc}
+    groups = method.param_groups()
+    optims = {name: torch.optim.Adam([{"params": g["params"], "lr": lrs[g["name"]]} for g in gs],
+                                     weight_decay=tcfg.weight_decay)
+              for name, gs in groups.items()}
+    params = {name: [p for g in gs for p in g["params"]] for name, gs in groups.items()}
+
+    start_epoch, best, history = 0, None, []
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        method.load_state_dict(state["method"])
+        for name, o in optims.items():
+            o.load_state_dict(state["optim"][name])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        jlog.write(event="resume", epoch=start_epoch)
+        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+
+    if frozen:
+        batches = _FrozenBatches(feats["train"][ok["train"]],
+                                 np.stack([v[ok["train"]] for v in views]) if views else None,
+                                 y_tr, labels.attrs[tr], tcfg.batch_size)
+        n_steps = len(batches)
+        val_x, db_x = feats["val"][ok["val"]], feats["train"][ok["train"]]
+        y_db_val = y_tr
+    else:
+        sources = cat.sources()
+        ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
+                           tcfg.seed, dcfg.augment_strength, views=n_views > 0)
+        n_steps = max(1, len(ds) // tcfg.batch_size)
+        val_x = _stack_images(cat, pos["val"][ok["val"]], spec, mcfg.image_size)
+        # images of the whole database would not fit in memory at 128 px: validate against a
+        # fixed random sample of it (the same every epoch, so scores stay comparable)
+        keep = np.sort(np.random.default_rng(tcfg.seed).permutation(len(tr))[:VAL_DB_IMAGES])
+        db_x = _stack_images(cat, tr[keep], spec, mcfg.image_size)
+        y_db_val = y_tr[keep]
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        method.eval()
+        with torch.no_grad():
+            out = [method.encode(torch.from_numpy(x[i:i + 2048])) for i in range(0, len(x), 2048)]
+        return torch.cat(out).numpy()
+
+    # ---- loop ------------------------------------------------------------------------
+    for epoch in range(start_epoch, tcfg.epochs):
+        t0 = time.time()
+        torch.manual_seed(tcfg.seed * 100_003 + epoch)
+        rng = np.random.default_rng([tcfg.seed, epoch])
+        method.train()
+        if frozen:
+            stream = batches.epoch(rng)
+        else:
+            ds.epoch = epoch
+            g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            stream = torch.utils.data.DataLoader(
+                ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=True, generator=g,
+                num_workers=tcfg.num_workers, persistent_workers=False)
+        sums: dict[str, float] = {}
+        for step, batch in enumerate(stream):
+            losses, parts = method.objectives(batch)
+            bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+            if bad:
+                jlog.write(event="diverged", epoch=epoch, step=step, parts=parts)
+                raise TrainingDiverged(
+                    f"loss became non-finite at epoch {epoch}, step {step}: {bad}; parts {parts}. "
+                    "Lower train.lr or check the inputs; the last good checkpoint is "
+                    f"{last_path if last_path.is_file() else 'none'}")
+            grads = {name: torch.autograd.grad(losses[name], params[name], allow_unused=True)
+                     for name in losses if name in params}
+            for name, gs in grads.items():
+                optims[name].zero_grad(set_to_none=True)
+                for p, gr in zip(params[name], gs):
+                    p.grad = gr
+                optims[name].step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            cb.on_step(epoch, step, n_steps, parts)
+        n_done = max(1, step + 1)
+        train_parts = {k: v / n_done for k, v in sums.items()}
+        val = _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val)
+        score = val[tcfg.select_metric]
+        improved = best is None or score > best["score"]
+        if improved:
+            best = {"epoch": epoch, "score": score, "metric": tcfg.select_metric}
+        record = {"event": "epoch", "epoch": epoch, "train": train_parts, "val": val,
+                  "best_epoch": best["epoch"], "seconds": round(time.time() - t0, 2)}
+        history.append(record)
+        state = {"method": method.state_dict(), "optim": {n: o.state_dict() for n, o in optims.items()},
+                 "epoch": epoch, "best": best, "history": history}
+        _atomic_torch_save(state, last_path)
+        if improved:
+            _atomic_torch_save({"method": method.state_dict(), "epoch": epoch, "val": val},
+                               ckpt_dir / "best.pt")
+        jlog.write(**record)
+        cb.on_epoch(record)
+    return run_dir
+
+
+def _stack_images(cat, positions, spec, size) -> np.ndarray:
+    sources = cat.sources()
+    return np.stack([image_array(sources[i], spec, size) for i in positions]) if len(positions) else \
+        np.zeros((0, spec.channels, size, size), np.float32)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The saved config of a run, with overrides (e.g. ``train.epochs=30`` to train longer)."""
+    return load_config(Path(run_dir) / "config.yaml", overrides)

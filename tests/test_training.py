@@ -1,0 +1,85 @@
+"""Training through the real CLI: one epoch on real photos, resume after a kill equals an
+uninterrupted run, divergence stops with a clear message, a corrupt JPEG is skipped."""
+import json
+
+import pytest
+import torch
+
+from fashionhash.cli import main
+from fashionhash.config import load_config
+from fashionhash.training import TrainingDiverged, train
+
+FM_ARGS = ["data.n_query=40", "data.n_val=30", "data.min_per_class=1", "data.n_damaged=20",
+           "train.num_workers=0", "train.batch_size=64", "model.n_bits=16", "model.hidden=64"]
+
+
+def _fm(synthetic_fmnist, *extra):
+    return ["--config", "configs/fashion_mnist.yaml", f"data.root={synthetic_fmnist}", *FM_ARGS, *extra]
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch, request):
+    monkeypatch.chdir(request.config.rootpath)
+
+
+def test_one_epoch_real_photos_through_cli(tiny_kaggle, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run), "--evaluate", "--quiet",
+               f"data.root={tiny_kaggle}", "data.n_query=20", "data.n_val=12", "data.min_per_class=5",
+               "data.n_damaged=10", "model.image_size=64", "model.n_bits=32", "train.epochs=1",
+               "train.batch_size=32", "train.num_workers=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "mAP@all" in out and "same product top-1" in out
+    for name in ("config.yaml", "meta.json", "split.json", "log.jsonl", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "metrics.json", "pr_curve.png", "codes/database.npz"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["git_commit"] and len(meta["classes"]) == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["map"] <= 1 and metrics["n_bits"] == 32
+    # the corrupt JPEG in the fixture never reached the model: it was skipped with a warning
+    split = json.loads((run / "split.json").read_text())
+    assert 99000001 in split["database"] + split["query"] + split["val"]
+    # encode a photo through the CLI
+    photo = next((tiny_kaggle / "images").glob("*.jpg"))
+    assert main(["encode", str(run), str(photo)]) == 0
+    assert len(capsys.readouterr().out.split()[0]) == 8  # 32 bits = 4 bytes = 8 hex digits
+
+
+def test_resume_after_kill_equals_uninterrupted(synthetic_fmnist, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--run-dir", str(full), "--quiet", *_fm(synthetic_fmnist, "train.epochs=2")]) == 0
+    assert main(["train", "--run-dir", str(part), "--quiet", *_fm(synthetic_fmnist, "train.epochs=1")]) == 0
+    # "kill" after epoch 1, then resume with the longer schedule
+    assert main(["train", "--run-dir", str(part), "--resume", "--quiet", "train.epochs=2"]) == 0
+    a = torch.load(full / "checkpoints/last.pt", weights_only=False)["method"]
+    b = torch.load(part / "checkpoints/last.pt", weights_only=False)["method"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_existing_run_is_not_overwritten(synthetic_fmnist, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--quiet", *_fm(synthetic_fmnist, "train.epochs=1")]) == 0
+    assert main(["train", "--run-dir", str(run), "--quiet", *_fm(synthetic_fmnist, "train.epochs=1")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_clear_message(synthetic_fmnist, tmp_path, monkeypatch):
+    from fashionhash.methods.adversarial import AdversarialHashing
+
+    real = AdversarialHashing.objectives
+
+    def poisoned(self, batch):
+        losses, parts = real(self, batch)
+        losses["encoder"] = losses["encoder"] * float("nan")
+        return losses, parts
+
+    monkeypatch.setattr(AdversarialHashing, "objectives", poisoned)
+    cfg = load_config("configs/fashion_mnist.yaml", [f"data.root={synthetic_fmnist}", *FM_ARGS])
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train(cfg, tmp_path / "nan")
+    lines = (tmp_path / "nan" / "log.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["event"] == "diverged"
