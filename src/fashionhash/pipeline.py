@@ -7,6 +7,7 @@ Data flows one way: photos -> data -> models -> codes. Nothing here imports trai
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class Labels:
             cols.append(inv)
         attrs = np.stack(cols, axis=1) if cols else np.zeros((len(cat), 0), np.int64)
         return cls(list(classes), y, attrs, keys)
+
+    def attr_sizes(self) -> list[int]:
+        """Number of values of each attribute column (max index + 1), for attribute heads."""
+        return [int(col.max()) + 1 if col.size and col.max() >= 0 else 1 for col in self.attrs.T]
 
 
 def _extract(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *, augment_seed: int | None,
@@ -149,7 +154,7 @@ def feature_dim(backbone: str) -> int:
     return int(BACKBONES.build(backbone, pretrained=False).feat_dim)
 
 
-def build_method(cfg: Config, n_classes: int) -> HashingMethod:
+def build_method(cfg: Config, n_classes: int, attr_sizes: Sequence[int] | None = None) -> HashingMethod:
     """The configured method, with a backbone inside only in finetune mode."""
     m = cfg.model
     if m.mode not in ("frozen", "finetune"):
@@ -157,8 +162,14 @@ def build_method(cfg: Config, n_classes: int) -> HashingMethod:
     # frozen mode trains on cached features: the backbone is only built to read its width
     backbone = BACKBONES.build(m.backbone) if m.mode == "finetune" else None
     feat_dim = backbone.feat_dim if backbone is not None else feature_dim(m.backbone)
-    return METHODS.build(cfg.method.name, feat_dim, m.n_bits, n_classes, hidden=m.hidden,
-                         dropout=m.dropout, backbone=backbone, **cfg.method.params)
+    factory = METHODS.get(cfg.method.name)
+    params = dict(cfg.method.params)
+    # methods with attribute heads (SGML) are told how many values each attribute has
+    if attr_sizes is not None and "attr_sizes" not in params \
+            and "attr_sizes" in inspect.signature(factory).parameters:
+        params["attr_sizes"] = [int(n) for n in attr_sizes]
+    return factory(feat_dim, m.n_bits, n_classes, hidden=m.hidden, dropout=m.dropout,
+                   backbone=backbone, **params)
 
 
 @dataclass
@@ -215,7 +226,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path} missing: has the run finished an epoch?")
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    method = build_method(cfg, len(meta["classes"]))
+    method = build_method(cfg, len(meta["classes"]), meta.get("attr_sizes"))
     method.load_state_dict(state["method"])
     method.eval()
     meta = dict(meta, checkpoint=checkpoint, checkpoint_epoch=int(state.get("epoch", -1)))

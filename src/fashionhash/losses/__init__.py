@@ -9,8 +9,17 @@ from fashionhash.losses.core import (
     WeightedSum,
     relaxed_hamming,
 )
+from fashionhash.losses.peers import (  # after core: the peers import from it
+    AttributeClassificationLoss, CauchyCrossEntropyLoss, CauchyQuantizationLoss,
+    CentralSimilarityLoss, DPSHLikelihoodLoss, DSHContrastiveLoss, DSHRegularizer, HashNetLoss,
+    LogCoshQuantizationLoss, SignQuantizationLoss, SoftBinomialDevianceLoss, cauchy_distance,
+)
 
 __all__ = [
     "LOSSES", "ClassificationLoss", "ConfusionLoss", "DiscriminatorLoss",
     "PairwiseHammingLoss", "QuantizationLoss", "WeightedSum", "relaxed_hamming",
+    "AttributeClassificationLoss", "CauchyCrossEntropyLoss", "CauchyQuantizationLoss",
+    "CentralSimilarityLoss", "DPSHLikelihoodLoss", "DSHContrastiveLoss", "DSHRegularizer",
+    "HashNetLoss", "LogCoshQuantizationLoss", "SignQuantizationLoss", "SoftBinomialDevianceLoss",
+    "cauchy_distance",
 ]

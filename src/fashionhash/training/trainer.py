@@ -187,12 +187,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             "classes": classes, "n_train": int(len(tr)), "command": sys.argv,
             "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "threads": threads, "attr_keys": list(labels.attr_keys),
+            "attr_sizes": labels.attr_sizes(),
         }
         meta_path.write_text(json.dumps(meta, indent=1))
 
     # ---- model -----------------------------------------------------------------------
     torch.manual_seed(tcfg.seed)
-    method = build_method(cfg, len(classes))
+    method = build_method(cfg, len(classes), labels.attr_sizes())
     lrs = {"heads": tcfg.lr, "backbone": tcfg.lr_backbone, "disc": tcfg.lr_disc}
     groups = method.param_groups()
     optims = {name: torch.optim.Adam([{"params": g["params"], "lr": lrs[g["name"]]} for g in gs],
@@ -235,13 +236,24 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             out = [method.encode(torch.from_numpy(x[i:i + 2048])) for i in range(0, len(x), 2048)]
         return torch.cat(out).numpy()
 
+    # shallow methods (LSH, ITQ...) are fitted once in closed form on the training features
+    fit = getattr(method, "fit", None)
+    if fit is not None and start_epoch == 0:
+        if not frozen:
+            raise ValueError(f"{cfg.method.name} is fitted on cached features: use model.mode=frozen")
+        fit(torch.from_numpy(feats["train"][ok["train"]]), torch.from_numpy(y_tr))
+    trainable = any(p.requires_grad for p in method.parameters())
+    n_epochs = tcfg.epochs if trainable else 1
+
     # ---- loop ------------------------------------------------------------------------
-    for epoch in range(start_epoch, tcfg.epochs):
+    for epoch in range(start_epoch, n_epochs):
         t0 = time.time()
         torch.manual_seed(tcfg.seed * 100_003 + epoch)
         rng = np.random.default_rng([tcfg.seed, epoch])
         method.train()
-        if frozen:
+        if not trainable:
+            stream = iter(())
+        elif frozen:
             stream = batches.epoch(rng)
         else:
             ds.epoch = epoch
@@ -250,6 +262,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                 ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=True, generator=g,
                 num_workers=tcfg.num_workers, persistent_workers=False)
         sums: dict[str, float] = {}
+        step = -1
         for step, batch in enumerate(stream):
             losses, parts = method.objectives(batch)
             bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
