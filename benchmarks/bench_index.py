@@ -1,0 +1,435 @@
+"""Hamming index benchmark: fashionhash ``flat`` / ``mih`` against faiss and plain numpy.
+
+Two datasets of 64-bit codes, all methods side by side in one run:
+
+* ``random``    — uniformly random codes, random queries (neighbours are far: the worst
+  case for hashing methods, MIH should fall back to its scan);
+* ``clustered`` — a few thousand random centres, each item a centre with 0..4 bits
+  flipped; queries are data items with 1..2 more bits flipped (realistic near-duplicate
+  structure of learned hash codes).
+
+Tasks: k-NN with k=10 and k=100, and radius search with r=2. Reported per method: build
+time, memory per item, queries per second, and recall against the exact answer
+(tie-aware: a returned item counts when it is as close as the true k-th neighbour; radius:
+fraction of the true in-range ids returned). "exact" means identical ids *and* tie order
+(distance, then id) to the reference.
+
+    python benchmarks/bench_index.py              # 1M codes, 1,000 queries (~5-10 min)
+    python benchmarks/bench_index.py --quick      # smoke test, seconds
+    python benchmarks/bench_index.py --big        # adds a 10M run
+
+Writes benchmarks/results/bench_index.md and .json (unless --out is given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fashionhash.index import INDEXES, kernel_name  # noqa: E402
+from fashionhash.index._kernel import n_threads  # noqa: E402
+
+N_BITS = 64
+TASKS = [("knn", 10), ("knn", 100), ("radius", 2)]
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def random_codes(rng, n: int) -> np.ndarray:
+    return rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+
+
+def flip_bits(rng, x: np.ndarray, n_flips: np.ndarray, max_flips: int) -> np.ndarray:
+    for f in range(max_flips):
+        bit = rng.integers(0, 64, x.shape[0]).astype(np.uint64)
+        x = np.where(n_flips > f, x ^ (np.uint64(1) << bit), x)
+    return x
+
+
+def make_dataset(kind: str, n: int, nq: int, centres: int, seed: int):
+    """-> (database (n, 8) uint8, queries (nq, 8) uint8)."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        x, q = random_codes(rng, n), random_codes(rng, nq)
+    else:
+        c = random_codes(rng, centres)
+        x = flip_bits(rng, c[rng.integers(0, centres, n)], rng.integers(0, 5, n), 4)
+        q = flip_bits(rng, x[rng.integers(0, n, nq)], rng.integers(1, 3, nq), 2)
+    return x.view(np.uint8).reshape(n, 8), q.view(np.uint8).reshape(nq, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# methods: build(db) / knn(q, k) -> (D, I) / radius(q, r) -> [ids] / memory() -> dict
+
+
+class NumpyBaseline:
+    """Plain numpy: XOR + bitwise_count on uint64 words, argpartition, sort."""
+
+    name = "numpy xor+bitwise_count"
+    max_queries = 100  # ~100 QPS at 1M: a subset keeps the run short
+    linear = True
+
+    def build(self, db):
+        self.x = db.view(np.uint64)[:, 0].copy()
+
+    def knn(self, q, k):
+        qw = q.view(np.uint64)[:, 0]
+        D = np.empty((len(q), k), np.int32)
+        I = np.empty((len(q), k), np.int64)
+        for j, v in enumerate(qw):
+            d = np.bitwise_count(self.x ^ v)
+            top = np.argpartition(d, k - 1)[:k]
+            o = top[np.argsort(d[top], kind="stable")]
+            D[j], I[j] = d[o], o
+        return D, I
+
+    def radius(self, q, r):
+        qw = q.view(np.uint64)[:, 0]
+        return [np.flatnonzero(np.bitwise_count(self.x ^ v) <= r) for v in qw]
+
+    def memory(self):
+        return {"codes+ids": self.x.nbytes, "extra": 0}
+
+
+class Faiss:
+    max_queries = None
+
+    @property
+    def linear(self):
+        return self.kind != "hash"  # multihash with nflip=2 probes so much it scans
+
+    def __init__(self, kind: str, threads: int | None = None, **kw):
+        import faiss
+
+        self.faiss, self.kind, self.kw, self.threads = faiss, kind, kw, threads
+        label = {"flat": "IndexBinaryFlat", "hash": "IndexBinaryHash", "multihash": "IndexBinaryMultiHash"}[kind]
+        extra = ", ".join(f"{a}={b}" for a, b in kw.items())
+        if threads:
+            extra = ", ".join(filter(None, [extra, f"{threads} thread" + "s" * (threads > 1)]))
+        self.name = f"faiss {label}" + (f" ({extra})" if extra else "")
+
+    def _call(self, fn, *args):
+        # OpenMP threads spin while waiting: on a busy machine 1 thread can beat 2, so the
+        # flat reference is measured both ways and the targets use the faster one
+        if not self.threads:
+            return fn(*args)
+        old = self.faiss.omp_get_max_threads()
+        self.faiss.omp_set_num_threads(self.threads)
+        try:
+            return fn(*args)
+        finally:
+            self.faiss.omp_set_num_threads(old)
+
+    def build(self, db):
+        f = self.faiss
+        if self.kind == "flat":
+            self.index = f.IndexBinaryFlat(N_BITS)
+        elif self.kind == "hash":
+            self.index = f.IndexBinaryHash(N_BITS, self.kw["b"])
+        else:
+            self.index = f.IndexBinaryMultiHash(N_BITS, self.kw["nhash"], self.kw["b"])
+        if self.kind != "flat":
+            self.index.nflip = self.kw["nflip"]
+        self.index.add(db)
+
+    def knn(self, q, k):
+        return self._call(self.index.search, q, k)
+
+    def radius(self, q, r):
+        lims, _, ids = self._call(self.index.range_search, q, r + 1)  # faiss keeps d < radius
+        return [ids[lims[j] : lims[j + 1]] for j in range(len(q))]
+
+    def memory(self):
+        if self.kind == "flat":
+            return {"codes+ids": self.index.ntotal * 8, "extra": 0}
+        total = int(self.faiss.serialize_index_binary(self.index).nbytes)
+        return {"codes+ids": self.index.ntotal * 8, "extra": max(0, total - self.index.ntotal * 8)}
+
+
+class Ours:
+    max_queries = None
+
+    @property
+    def linear(self):
+        return self.backend != "mih"
+
+    def __init__(self, backend: str, label: str | None = None, **options):
+        self.backend, self.options = backend, options
+        self.name = label or f"fashionhash {backend}"
+
+    def build(self, db):
+        self.index = INDEXES.build(self.backend, n_bits=N_BITS, **self.options)
+        self.index.add(np.arange(db.shape[0], dtype=np.int64), db)
+        if hasattr(self.index, "build"):
+            self.index.build()
+
+    def knn(self, q, k):
+        return self.index.search(q, k)
+
+    def radius(self, q, r):
+        return [ids for _, ids in self.index.radius_search(q, r)]
+
+    def memory(self):
+        m = self.index.memory_usage()
+        return {"codes+ids": m.get("codes", 0) + m.get("ids", 0), "extra": m.get("tables", 0) + m.get("faiss", 0)}
+
+
+def methods(skip_faiss: bool):
+    out = [NumpyBaseline()]
+    if not skip_faiss:
+        out += [
+            Faiss("flat"),
+            Faiss("flat", threads=1),
+            Faiss("hash", b=16, nflip=2),
+            Faiss("multihash", nhash=4, b=16, nflip=2),
+        ]
+    out += [Ours("flat"), Ours("mih")]
+    if not skip_faiss:
+        out.append(Ours("faiss", label="fashionhash faiss (flat, exact ties)"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# measurement
+
+
+def timed(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def knn_recall(D, I, true_D, k):
+    hit = (np.asarray(I)[:, :k] >= 0) & (np.asarray(D)[:, :k] <= true_D[:, k - 1 : k])
+    return float(hit.mean())
+
+
+def radius_recall(got, truth):
+    found = sum(np.isin(t, g).sum() for g, t in zip(got, truth))
+    total = sum(t.size for t in truth)
+    return 1.0 if total == 0 else float(found / total)
+
+
+def run_dataset(kind, n, nq, centres, seed, repeats, skip_faiss, log):
+    db, q = make_dataset(kind, n, nq, centres, seed)
+    ref = Ours("flat")
+    ref.build(db)
+    truth = {("knn", k): ref.knn(q, k) for k in (10, 100)}
+    truth[("radius", 2)] = [np.sort(r) for r in ref.radius(q, 2)]
+    rows = []
+    for method in methods(skip_faiss):
+        t0 = time.perf_counter()
+        method.build(db)
+        build = time.perf_counter() - t0
+        mem = method.memory()
+        row = {
+            "dataset": kind,
+            "n": n,
+            "method": method.name,
+            "build_s": build,
+            "bytes_per_item": mem["codes+ids"] / n,
+            "extra_bytes_per_item": mem["extra"] / n,
+        }
+        nq_m = min(nq, method.max_queries or nq)
+        # Linear scans (and MIH on random codes, where it scans) keep the work per cell of
+        # the 1M run, so --big stays affordable.
+        scans = method.linear or (kind == "random" and isinstance(method, Ours))
+        if scans and n > 1_000_000:
+            nq_m = max(10, min(nq_m, int(nq_m * 1_000_000 / n)))
+        qm = q[:nq_m]
+        for task, param in TASKS:
+            key = f"{task}{param}"
+            reps = 1 if method.max_queries else repeats
+            if task == "knn":
+                secs, (D, I) = timed(lambda: method.knn(qm, param), reps)
+                tD, tI = truth[(task, param)]
+                rec = knn_recall(D, I, tD[:nq_m], param)
+                exact = bool(np.array_equal(np.asarray(I), tI[:nq_m]) and np.array_equal(np.asarray(D), tD[:nq_m]))
+            else:
+                secs, got = timed(lambda: method.radius(qm, param), reps)
+                got = [np.sort(np.asarray(g, dtype=np.int64)) for g in got]
+                rec = radius_recall(got, truth[(task, param)][:nq_m])
+                exact = all(np.array_equal(a, b) for a, b in zip(got, truth[(task, param)][:nq_m]))
+            row[key] = {"qps": nq_m / secs, "recall": rec, "exact": exact, "queries": nq_m}
+            if isinstance(method, Ours) and method.backend == "mih":
+                row[key]["mih_stats"] = dict(method.index.last_stats)
+                row["mih_m"] = method.index.m
+            log(f"  {kind:9s} {method.name:44s} {key:8s} {nq_m / secs:10.0f} q/s  recall {rec:.4f}  exact {exact}")
+        rows.append(row)
+        method.__dict__.clear()  # free the index before building the next one
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+
+def fmt_qps(cell):
+    mark = "" if cell["exact"] else ("*" if cell["recall"] >= 0.99995 else "")
+    return f"{cell['qps']:,.0f} ({cell['recall']:.3f}){mark}"
+
+
+def markdown(rows, meta) -> str:
+    lines = [
+        "# Hamming index benchmark",
+        "",
+        f"`{meta['command']}` — {meta['n']:,} codes of {N_BITS} bits, {meta['queries']:,} queries, "
+        f"{meta['cpus']} CPUs ({meta['machine']}), fashionhash kernels: {meta['kernel']}, "
+        f"{meta['threads']} search threads; faiss {meta['faiss']}, numpy {meta['numpy']}.",
+        f"Load average before/after: {meta['load_before']} / {meta['load_after']} (other jobs share this machine).",
+        "",
+        "Cells: queries/s (recall). Recall is tie-aware; `*` = recall 1 but a different order among "
+        "equidistant items than (distance, id). Unmarked recall-1.000 cells from fashionhash are "
+        "identical to brute force including the tie order. Memory: codes+ids bytes per item; extra = "
+        "hash tables (MIH tables, faiss hash buckets) reported separately.",
+        "",
+    ]
+    for dataset in sorted({r["dataset"] for r in rows}, key=lambda d: (d != "clustered", d)):
+        for n in sorted({r["n"] for r in rows if r["dataset"] == dataset}):
+            lines += [
+                f"## {dataset}, N = {n:,}",
+                "",
+                "| method | build s | B/item codes+ids | B/item extra | k=10 | k=100 | radius 2 |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in rows:
+                if r["dataset"] != dataset or r["n"] != n:
+                    continue
+                note = f" [{r['knn10']['queries']} queries]" if r["knn10"]["queries"] != meta["queries"] else ""
+                if r.get("mih_m"):
+                    note += f" [m={r['mih_m']}]"
+                lines.append(
+                    f"| {r['method']}{note} | {r['build_s']:.2f} | {r['bytes_per_item']:.1f} | "
+                    f"{r['extra_bytes_per_item']:.1f} | {fmt_qps(r['knn10'])} | {fmt_qps(r['knn100'])} | "
+                    f"{fmt_qps(r['radius2'])} |"
+                )
+            lines.append("")
+    lines += [
+        "## Targets (side by side, same run)",
+        "",
+        "Ratios use the faster of faiss IndexBinaryFlat with its default threads and with 1 thread."
+        + ("" if meta["n"] >= 1_000_000 else " Informational only: the targets are stated for 1M codes."),
+        "",
+    ]
+    lines += [f"- {t}" for t in meta["targets"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def targets(rows):
+    out, ok = [], True
+
+    def get(dataset, method_prefix, n):
+        for r in rows:
+            if r["dataset"] == dataset and r["method"].startswith(method_prefix) and r["n"] == n:
+                return r
+        return None
+
+    def best_flat(dataset, n):
+        """faiss IndexBinaryFlat at its best thread count, per task."""
+        cands = [r for r in rows if r["dataset"] == dataset and r["n"] == n and r["method"].startswith("faiss IndexBinaryFlat")]
+        if not cands:
+            return None
+        return {key: max(c[key]["qps"] for c in cands) for key in ("knn10", "knn100", "radius2")}
+
+    for n in sorted({r["n"] for r in rows}):
+        mih_c, ff_c = get("clustered", "fashionhash mih", n), best_flat("clustered", n)
+        mih_r, ff_r = get("random", "fashionhash mih", n), best_flat("random", n)
+        if mih_c and ff_c:
+            for key, need in (("knn10", 5), ("knn100", 5), ("radius2", 10)):
+                ratio = mih_c[key]["qps"] / ff_c[key]
+                good = ratio >= need and mih_c[key]["exact"]
+                ok &= good
+                out.append(
+                    f"N={n:,} clustered {key}: mih / best faiss IndexBinaryFlat = {ratio:.1f}x "
+                    f"(target >= {need}x, exact: {mih_c[key]['exact']}) {'PASS' if good else 'FAIL'}"
+                )
+        if mih_r and ff_r:
+            for key in ("knn10", "knn100"):
+                ratio = mih_r[key]["qps"] / ff_r[key]
+                good = ratio >= 0.8 and mih_r[key]["exact"]
+                ok &= good
+                fb = mih_r[key].get("mih_stats", {}).get("fallbacks")
+                out.append(
+                    f"N={n:,} random {key}: mih / best faiss IndexBinaryFlat = {ratio:.2f}x (target >= 0.8x; "
+                    f"{fb} of {mih_r[key]['queries']} queries fell back to the scan) {'PASS' if good else 'FAIL'}"
+                )
+        if mih_c:
+            b = mih_c["bytes_per_item"]
+            good = b <= 16.0 + 1e-9
+            ok &= good
+            out.append(
+                f"N={n:,} mih memory: {b:.1f} B/item for codes + ids (8 + 8; target <= 8 per code plus ids) "
+                f"{'PASS' if good else 'FAIL'}; MIH tables {mih_c['extra_bytes_per_item']:.1f} B/item on top"
+            )
+    return out, ok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000, help="database size")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--centres", type=int, default=4000, help="cluster centres for the clustered codes")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best kept)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    p.add_argument("--big", action="store_true", help="also run N = 10M")
+    p.add_argument("--no-faiss", action="store_true", help="skip faiss (if not installed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="output path without suffix (default results/bench_index)")
+    args = p.parse_args(argv)
+    if args.out is None:  # a smoke test must not overwrite the real results
+        args.out = Path(__file__).resolve().parent / "results" / ("bench_index_quick" if args.quick else "bench_index")
+    if args.quick:
+        args.n, args.queries, args.centres = min(args.n, 20_000), min(args.queries, 200), 200
+    if not args.no_faiss:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            print("faiss not installed: skipping faiss rows (pip install faiss-cpu)")
+            args.no_faiss = True
+    sizes = [args.n] + ([10_000_000] if args.big and not args.quick else [])
+    meta = {
+        "command": "python benchmarks/bench_index.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "n": args.n,
+        "queries": args.queries,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "kernel": kernel_name(),
+        "threads": n_threads(),
+        "faiss": "-" if args.no_faiss else __import__("faiss").__version__,
+        "numpy": np.__version__,
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    print(f"# {meta['command']}  (load {meta['load_before']})")
+    rows = []
+    t0 = time.perf_counter()
+    for n in sizes:
+        for kind in ("clustered", "random"):
+            rows += run_dataset(kind, n, args.queries, args.centres, args.seed, args.repeats, args.no_faiss, print)
+    meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    meta["seconds"] = time.perf_counter() - t0
+    meta["targets"], meta["all_targets_met"] = targets(rows)
+    report = markdown(rows, meta)
+    print()
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(report)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out.with_suffix('.md')} and .json in {meta['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
