@@ -58,20 +58,22 @@ class PairwiseHammingLoss(nn.Module):
     two items of the same clothing type, or an attribute-agreement grade; 0 = dissimilar):
 
         L = mean_{s_ij > 0} relu(d_ij - m_pos (1 - s_ij))  +  mean_{s_ij = 0} relu(m_neg - d_ij)
+            + mean_{0 < s_ij < 1} relu(m_sep - d_ij)
 
     so the same product is pulled to distance 0, same-type items to within ``m_pos (1 - s)``
     (a band, not a point: collapsing a whole clothing type onto one code would make the very
-    product unfindable), and dissimilar items pushed beyond ``m_neg``. Positives and
+    product unfindable), distinct products of the same type kept at least ``m_sep`` apart
+(the lower edge of the band), and dissimilar items pushed beyond ``m_neg``. Positives and
     negatives are averaged separately, because negatives outnumber positives ~60:1.
 
     ``forward(codes (B, K), sim (B, B)) -> scalar``; the diagonal is ignored.
     """
 
-    def __init__(self, m_pos: float = 0.2, m_neg: float = 0.45) -> None:
+    def __init__(self, m_pos: float = 0.2, m_neg: float = 0.45, m_sep: float = 0.0) -> None:
         super().__init__()
-        if not 0 <= m_pos < m_neg <= 1:
-            raise ValueError("need 0 <= m_pos < m_neg <= 1")
-        self.m_pos, self.m_neg = m_pos, m_neg
+        if not 0 <= m_pos < m_neg <= 1 or not 0 <= m_sep <= m_pos:
+            raise ValueError("need 0 <= m_pos < m_neg <= 1 and 0 <= m_sep <= m_pos")
+        self.m_pos, self.m_neg, self.m_sep = m_pos, m_neg, m_sep
 
     def forward(self, codes: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
         d = relaxed_hamming(codes, codes)
@@ -81,6 +83,10 @@ class PairwiseHammingLoss(nn.Module):
         loss = codes.new_zeros(())
         if pos.any():
             loss = loss + F.relu(d[pos] - self.m_pos * (1 - sim[pos])).mean()
+        near = pos & (sim < 1)
+        if self.m_sep > 0 and near.any():
+            # keep distinct products of one type apart, so the very product stays findable
+            loss = loss + F.relu(self.m_sep - d[near]).mean()
         if neg.any():
             loss = loss + F.relu(self.m_neg - d[neg]).mean()
         return loss

@@ -44,7 +44,7 @@ class AdversarialHashing(HashingMethod):
     def __init__(self, feat_dim: int, n_bits: int, n_classes: int, *, hidden: int = 1024,
                  dropout: float = 0.1, backbone: nn.Module | None = None,
                  w_cls: float = 1.0, w_pair: float = 1.0, w_adv: float = 0.2,
-                 w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45,
+                 w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45, m_sep: float = 0.0,
                  class_sim: float = 0.5, graded: bool = False, disc_width: int = 256,
                  adv_pairs: str = "both") -> None:
         super().__init__(feat_dim, n_bits, n_classes, hidden=hidden, dropout=dropout,
@@ -54,7 +54,7 @@ class AdversarialHashing(HashingMethod):
         self.classifier = nn.Linear(n_bits, n_classes)
         self.discriminator = Discriminator(feat_dim, n_bits, width=disc_width)
         self.cls_loss = ClassificationLoss()
-        self.pair_loss = PairwiseHammingLoss(m_pos=m_pos, m_neg=m_neg)
+        self.pair_loss = PairwiseHammingLoss(m_pos=m_pos, m_neg=m_neg, m_sep=m_sep)
         self.quant_loss = QuantizationLoss()
         self.disc_loss = DiscriminatorLoss()
         self.conf_loss = ConfusionLoss()

@@ -21,8 +21,13 @@ def trace_shapes(model: nn.Module, names: list[str], *inputs) -> dict[str, tuple
     """Run ``model(*inputs)`` and record ``(input shape, output shape)`` of named submodules."""
     mods = dict(model.named_modules())
     seen: dict[str, tuple[str, str]] = {}
-    hooks = [mods[n].register_forward_hook(
-        lambda m, i, o, n=n: seen.setdefault(n, (_shape(i[0]), _shape(o)))) for n in names]
+
+    def hook(name):
+        def record(module, args, out) -> None:  # returning None keeps the module's output
+            seen.setdefault(name, (_shape(args[0]), _shape(out)))
+        return record
+
+    hooks = [mods[n].register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             model(*inputs)
@@ -66,7 +71,8 @@ def draw_architecture(path: str | Path, n_bits: int = 64, n_classes: int = 68, s
     for i in range(len(blocks) + 1):
         shp = block_shapes[f"_blocks.{i}"][1] if i < len(blocks) else None
         if shp != last and last is not None:
-            rows.append((f"MBConv blocks {start}-{i - 1}", f"-> {last}", "#cfe2f3"))
+            label = f"MBConv block {start}" if start == i - 1 else f"MBConv blocks {start}-{i - 1}"
+            rows.append((label, f"-> {last}", "#cfe2f3"))
             start = i
         last = shp
     rows.append(("head conv1x1 + avg pool", f"{bshapes['_conv_head'][1]} -> {_shape(feats)}  "
@@ -76,33 +82,33 @@ def draw_architecture(path: str | Path, n_bits: int = 64, n_classes: int = 68, s
                  f" -> tanh -> code {_shape(codes)}", "#d9ead3"))
     rows.append(("sign + pack", f"{n_bits} bits -> {(n_bits + 7) // 8} bytes uint8 (search)", "#d9ead3"))
 
-    fig, ax = plt.subplots(figsize=(11, 0.62 * (len(rows) + 4)))
-    ax.set_xlim(0, 11)
-    ax.set_ylim(0, len(rows) + 4)
-    ax.axis("off")
+    fig, ax = plt.subplots(figsize=(11.5, 0.62 * (len(rows) + 4)))
+    ax.set_xlim(0, 11.5)
     y = len(rows) + 3
+    ax.set_ylim(y - len(rows) - 1.2, y + 0.8)
+    ax.axis("off")
     for i, (name, desc, colour) in enumerate(rows):
         yy = y - i
-        ax.add_patch(FancyBboxPatch((0.3, yy - 0.35), 5.6, 0.7, boxstyle="round,pad=0.02", fc=colour, ec="#444"))
+        ax.add_patch(FancyBboxPatch((0.3, yy - 0.35), 6.0, 0.7, boxstyle="round,pad=0.02", fc=colour, ec="#444"))
         ax.text(0.45, yy, name, va="center", fontsize=9, weight="bold")
         ax.text(3.0, yy, desc, va="center", fontsize=8)
         if i:
             ax.annotate("", (3.1, yy + 0.35), (3.1, yy + 0.65), arrowprops=dict(arrowstyle="->"))
     code_y = y - (len(rows) - 2)
     feat_y = y - (len(rows) - 3)
-    ax.add_patch(FancyBboxPatch((6.6, code_y + 0.9), 4.1, 0.9, boxstyle="round,pad=0.02", fc="#fce5cd", ec="#444"))
-    ax.text(6.75, code_y + 1.35, f"classifier: linear {n_bits} -> {logits.shape[1]} clothing types\n"
+    ax.add_patch(FancyBboxPatch((6.9, code_y + 0.9), 4.1, 0.9, boxstyle="round,pad=0.02", fc="#fce5cd", ec="#444"))
+    ax.text(7.05, code_y + 1.35, f"classifier: linear {n_bits} -> {logits.shape[1]} clothing types\n"
             "(i) cross-entropy, gradient reaches the encoder", va="center", fontsize=8)
-    ax.annotate("", (6.6, code_y + 1.3), (5.9, code_y), arrowprops=dict(arrowstyle="->"))
-    ax.add_patch(FancyBboxPatch((6.6, code_y - 2.2), 4.1, 1.6, boxstyle="round,pad=0.02", fc="#f4cccc", ec="#444"))
-    ax.text(6.75, code_y - 1.4,
+    ax.annotate("", (6.9, code_y + 1.3), (6.3, code_y), arrowprops=dict(arrowstyle="->"))
+    ax.add_patch(FancyBboxPatch((6.9, code_y - 2.2), 4.1, 1.6, boxstyle="round,pad=0.02", fc="#f4cccc", ec="#444"))
+    ax.text(7.05, code_y - 1.4,
             f"discriminator D(f, h): features {_shape(feats)} + code {n_bits}\n"
             f"-> MLP -> logit {tuple(disc.shape[1:]) or '(1)'}\n"
             "similar pair (q, g): D(f_q, h_q)=1 vs D(f_q, h_g)=0\n"
             "(iii) encoder: confusion target 1/2 for both", va="center", fontsize=8)
-    ax.annotate("", (6.6, code_y - 1.0), (5.9, code_y), arrowprops=dict(arrowstyle="->"))
-    ax.annotate("", (6.6, code_y - 1.8), (5.9, feat_y), arrowprops=dict(arrowstyle="->", ls="--"))
-    ax.text(6.6, code_y + 2.3, "(ii) pairwise Hamming loss on the codes of a batch:\n"
+    ax.annotate("", (6.9, code_y - 1.0), (6.3, code_y), arrowprops=dict(arrowstyle="->"))
+    ax.annotate("", (6.9, code_y - 1.8), (6.3, feat_y), arrowprops=dict(arrowstyle="->", ls="--"))
+    ax.text(6.9, code_y + 2.3, "(ii) pairwise Hamming loss on the codes of a batch:\n"
             "same product (two views) -> 0, same type -> within a band, others -> apart",
             fontsize=8, va="center")
     ax.set_title("fashionhash: adversarially trained semantic hashing (Singh et al. 2019), "

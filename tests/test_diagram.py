@@ -1,0 +1,7 @@
+"""The README's architecture figure is drawn from the code: it must keep rendering."""
+from fashionhash.models.diagram import draw_architecture
+
+
+def test_architecture_figure_renders(tmp_path):
+    path = draw_architecture(tmp_path / "arch.png", n_bits=32, n_classes=10, size=64)
+    assert path.stat().st_size > 10_000
