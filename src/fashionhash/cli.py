@@ -143,7 +143,228 @@ def _cmd_demo(args) -> int:
                                     run_dir=run_dir, resume=resume, quiet=args.quiet, evaluate=True)
     rc = _cmd_train(train_args)
     print(f"demo finished in {time.time() - t0:.0f}s; run directory: {run_dir}")
-    return rc
+    return _demo_index_and_serve(args, run_dir) if rc == 0 else rc
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def run_report(run_dirs: list[Path]) -> str:
+    """Markdown results of evaluated runs: one column per run, plus how they were made."""
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        m = json.loads((d / "metrics.json").read_text())
+        meta = json.loads((d / "meta.json").read_text())
+        log_lines = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines() if x.strip()]
+        epochs = [r for r in log_lines if r.get("event") == "epoch"]
+        m["train_seconds"] = sum(r.get("seconds", 0) for r in epochs)
+        runs.append((d, m, meta))
+    head = "| metric | " + " | ".join(f"{m['dataset']}, {m['method']}, {m['n_bits']} bits" for _, m, _ in runs) + " |"
+    rows = [head, "|---" * (len(runs) + 1) + "|"]
+    for label, key in TABLE_KEYS:
+        if any(key in m for _, m, _ in runs):
+            rows.append(f"| {label} | " + " | ".join(f"{m[key]:.4f}" if key in m else "-" for _, m, _ in runs) + " |")
+    extra = [("distinct database codes", "distinct_database_codes", "{}"),
+             ("queries / database", None, None), ("best epoch (on val)", "checkpoint_epoch", "{}"),
+             ("training time (s, 2 cores, excl. features)", "train_seconds", "{:.0f}")]
+    for label, key, fmt in extra:
+        if key is None:
+            vals = [f"{m['n_query']} / {m['n_database']}" for _, m, _ in runs]
+        else:
+            vals = [fmt.format(m[key]) if key in m else "-" for _, m, _ in runs]
+        rows.append(f"| {label} | " + " | ".join(vals) + " |")
+    commits = sorted({str(meta.get("git_commit"))[:12] + ("-dirty" if str(meta.get("git_commit")).endswith("-dirty") else "")
+                      for _, _, meta in runs})
+    rows.append("")
+    rows.append(f"Runs: {', '.join(f'`{d}`' for d, _, _ in runs)} (commit {', '.join(commits)}).")
+    return "\n".join(rows)
+
+
+def _cmd_report(args) -> int:
+    text = run_report(args.run_dirs)
+    print(text)
+    if args.readme:
+        readme = Path(args.readme)
+        body = readme.read_text()
+        if README_START not in body or README_END not in body:
+            raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+        pre, rest = body.split(README_START, 1)
+        _, post = rest.split(README_END, 1)
+        block = f"{README_START}\n{args.heading}\n\n{text}\n{README_END}"
+        readme.write_text(pre + block + post)
+        print(f"updated {readme}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# index, search and serve: separate from the commands above (see _add_serving_commands)
+
+
+def _key_values(pairs: list[str] | None, what: str) -> dict[str, list[str]]:
+    """``["k=v", ...]`` -> ``{k: [v, ...]}`` (a repeated key means any of its values)."""
+    out: dict[str, list[str]] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must be key=value, got {pair!r}")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _build_index_verbose(run_dir: Path, out: Path, backend: str, items: str, force: bool, quiet: bool) -> None:
+    from fashionhash.index.build import build_index
+
+    t0 = time.time()
+    index = build_index(run_dir, out, backend=backend, items=items, progress=_Bars(quiet).phase,
+                        overwrite=force)
+    n, bits = len(index), index.n_bits
+    index.close()
+    print(f"indexed {n:,} items ({bits} bits, {backend}) into {out} in {time.time() - t0:.1f}s")
+
+
+def _cmd_index_build(args) -> int:
+    out = Path(args.out) if args.out else Path(args.run_dir) / "index"
+    _build_index_verbose(Path(args.run_dir), out, args.backend, args.items, args.force, args.quiet)
+    return 0
+
+
+def _cmd_index_add(args) -> int:
+    from fashionhash.index.build import add_images
+
+    attrs = {k: v[-1] for k, v in _key_values(args.attr, "--attr").items()}
+    ids = add_images(args.index, args.run_dir, args.images, attrs, progress=_Bars(args.quiet).phase)
+    for item_id, path in zip(ids, args.images, strict=True):
+        print(f"{item_id}  {path}")
+    print(f"added {len(ids)} photo(s) to {args.index}")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from fashionhash.serving.service import SearchService, ServiceConfig, ServiceError
+
+    service = SearchService.open(args.run, args.index, ServiceConfig(max_k=max(args.k, 1)))
+    try:
+        data = Path(args.image).read_bytes()
+        try:
+            res = service.search_image(data, args.k, _key_values(args.filter, "--filter"))
+        except ServiceError as e:
+            print(f"fashionhash: error: {args.image}: {e}", file=sys.stderr)
+            return 2
+    finally:
+        service.close()
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"{'rank':>4}  {'dist':>4}  {'id':>8}  {'articleType':<16} {'baseColour':<12} name")
+    for rank, hit in enumerate(res["results"], 1):
+        a = hit["attributes"]
+        print(f"{rank:>4}  {hit['distance']:>4}  {hit['id']:>8}  {a.get('articleType', ''):<16.16} "
+              f"{a.get('baseColour', ''):<12.12} {hit['name']}")
+    print(f"search took {res['took_ms']:.1f} ms (encode {res['encode_ms']:.1f} ms, "
+          f"index {res['search_ms']:.2f} ms); code {res['query']['code']}")
+    return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, token: str | None) -> int:
+    import os
+
+    from fashionhash.serving.app import serve
+
+    if not _port_free(host, port):
+        print(f"fashionhash: error: {host}:{port} is in use: choose another with --port", file=sys.stderr)
+        return 2
+    token = token or os.environ.get("FASHIONHASH_TOKEN") or None
+    print(f"serving {index} on http://{host}:{port}  (Ctrl-C to stop; "
+          f"{'writes need the bearer token' if token else 'read-only: no --token'})", flush=True)
+    serve(run_dir, index, host=host, port=port, token=token, log_level="warning")
+    return 0
+
+
+def _index_is_current(run_dir: Path, index: Path) -> bool:
+    """Whether ``index`` exists and was built after the run's best checkpoint."""
+    from fashionhash.index.build import INFO_NAME
+
+    info, best = index / INFO_NAME, run_dir / "checkpoints" / "best.pt"
+    return info.is_file() and best.is_file() and info.stat().st_mtime >= best.stat().st_mtime
+
+
+def _cmd_serve(args) -> int:
+    run_dir = Path(args.run_dir)
+    index = Path(args.index) if args.index else run_dir / "index"
+    if not index.exists():
+        print(f"no index at {index}: building it")
+        _build_index_verbose(run_dir, index, "mih", "all", False, args.quiet)
+    return _serve_verbose(run_dir, index, args.host, args.port, args.token)
+
+
+def _demo_index_and_serve(args, run_dir: Path) -> int:
+    """After the demo's training and evaluation: index the catalogue, then serve the page."""
+    index = run_dir / "index"
+    if _index_is_current(run_dir, index):
+        print(f"index {index} is up to date")
+    else:
+        _build_index_verbose(run_dir, index, "mih", "all", True, args.quiet)
+    if args.no_serve:
+        return 0
+    return _serve_verbose(run_dir, index, args.host, args.port, args.token)
+
+
+def _add_demo_serving_args(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--no-serve", action="store_true", help="stop after indexing (for scripts)")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--token", help="bearer token for adding/removing items (default $FASHIONHASH_TOKEN)")
+
+
+def _add_serving_commands(sub) -> None:
+    ix = sub.add_parser("index", help="build a searchable index of a run's catalogue, add photos")
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+    b = ixs.add_parser("build", help="hash the run's catalogue into an index (default RUN_DIR/index)")
+    b.add_argument("run_dir", type=Path)
+    b.add_argument("--out", type=Path, help="index directory (default RUN_DIR/index)")
+    b.add_argument("--backend", default="mih", help="flat, mih (default), faiss or milvus")
+    b.add_argument("--items", choices=("all", "database"), default="all",
+                   help="every catalogue photo (default) or the evaluation database only")
+    b.add_argument("--force", action="store_true", help="replace an existing index")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_cmd_index_build)
+    a = ixs.add_parser("add", help="hash photos and add them to an index")
+    a.add_argument("index", type=Path)
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("images", nargs="+")
+    a.add_argument("--attr", action="append", metavar="KEY=VALUE", help="attribute of the photos (repeatable)")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=_cmd_index_add)
+
+    s = sub.add_parser("search", help="find the catalogue items nearest to a photo")
+    s.add_argument("index", type=Path)
+    s.add_argument("image")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="attribute filter (repeatable)")
+    s.add_argument("--run", type=Path, help="run directory (default: the run that built the index)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.set_defaults(func=_cmd_search)
+
+    v = sub.add_parser("serve", help="serve the search API and web page")
+    v.add_argument("run_dir", type=Path)
+    v.add_argument("--index", type=Path, help="index directory (default RUN_DIR/index, built if missing)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token", help="bearer token for adding/removing items (default $FASHIONHASH_TOKEN)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,12 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, help="save codes to this .npz")
     c.set_defaults(func=_cmd_encode)
 
+    r = sub.add_parser("report", help="markdown table of evaluated runs (optionally into README)")
+    r.add_argument("run_dirs", nargs="+", type=Path)
+    r.add_argument("--readme", type=Path, help="replace the results block of this README")
+    r.add_argument("--heading", default="## Results", help="heading written above the table")
+    r.set_defaults(func=_cmd_report)
+
     d = sub.add_parser("demo", help="train + evaluate the paper's method on the real photos")
     d.add_argument("--data", help="Kaggle-layout folder (default: $FASHIONHASH_DATA or ../shared/data/...)")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("overrides", nargs="*")
+    _add_demo_serving_args(d)
     d.set_defaults(func=_cmd_demo)
+    _add_serving_commands(sub)
     return p
 
 
