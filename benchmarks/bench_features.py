@@ -198,12 +198,14 @@ def main() -> None:
         f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}. "
         f"The machine may be shared: `load` is the 1-minute load average after each row (2 CPUs: "
         f"above ~0.5 other work is competing). `CPU s` is this process's CPU time (all "
-        f"threads, not decode worker processes). Each row is the fastest of {args.repeat} "
+        f"threads, not decode worker processes); `CPU ms/image` is the load-independent cost: "
+        f"on {os.cpu_count()} idle cores a fully parallel row would reach about "
+        f"{os.cpu_count()} * 1000 / (CPU ms/image) images/s. Each row is the fastest of {args.repeat} "
         f"round-robin runs (a model-only run includes its first, warm-up batch).\n\n"
     )
-    table = ["| engine | mode | settings | images | seconds | images/s | CPU s | load |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    table += [f"| {e} | {m} | {s} | {n} | {t:.2f} | {n / t:.1f} | {c:.1f} | {la} |"
+    table = ["| engine | mode | settings | images | seconds | images/s | CPU s | CPU ms/image | load |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {e} | {m} | {s} | {n} | {t:.2f} | {n / t:.1f} | {c:.1f} | {1000 * c / n:.2f} | {la} |"
               for e, m, s, n, t, c, la in rows]
     text = header + "\n".join(table) + "\n"
     print()
