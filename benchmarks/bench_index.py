@@ -8,6 +8,13 @@ Two datasets of 64-bit codes, all methods side by side in one run:
   flipped; queries are data items with 1..2 more bits flipped (realistic near-duplicate
   structure of learned hash codes).
 
+With ``--real PATH`` (default ``runs/demo/codes/database.npz`` when it exists) two more,
+with the real query codes (``query.npz`` next to it) as queries:
+
+* ``real``      — the codes of a trained 64-bit model over the catalogue photos;
+* ``real tiled`` — those codes tiled to N items (default 1M), each copy with 0..3 random bits
+  flipped (seeded).
+
 Tasks: k-NN with k=10 and k=100, and radius search with r=2. Reported per method: build
 time, memory per item, queries per second, and recall against the exact answer
 (tie-aware: a returned item counts when it is as close as the true k-th neighbour; radius:
@@ -17,8 +24,10 @@ fraction of the true in-range ids returned). "exact" means identical ids *and* t
     python benchmarks/bench_index.py              # 1M codes, 1,000 queries (~5-10 min)
     python benchmarks/bench_index.py --quick      # smoke test, seconds
     python benchmarks/bench_index.py --big        # adds a 10M run
+    python benchmarks/bench_index.py --only-real  # only the real-code datasets (~2-3 min)
 
-Writes benchmarks/results/bench_index.md and .json (unless --out is given).
+Writes benchmarks/results/bench_index.md and .json (bench_index_real.* with --only-real)
+unless --out is given.
 """
 from __future__ import annotations
 
@@ -66,6 +75,16 @@ def make_dataset(kind: str, n: int, nq: int, centres: int, seed: int):
         x = flip_bits(rng, c[rng.integers(0, centres, n)], rng.integers(0, 5, n), 4)
         q = flip_bits(rng, x[rng.integers(0, n, nq)], rng.integers(1, 3, nq), 2)
     return x.view(np.uint8).reshape(n, 8), q.view(np.uint8).reshape(nq, 8)
+
+
+def real_datasets(path: Path, n: int, nq: int, seed: int):
+    """-> {name: (database, queries)}: the real codes, and them tiled to n with 0..3 flips."""
+    db = np.ascontiguousarray(np.load(path)["packed"], dtype=np.uint8)
+    q = np.ascontiguousarray(np.load(path.with_name("query.npz"))["packed"][:nq], dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    x = db.view(np.uint64)[:, 0][np.arange(n) % db.shape[0]]
+    x = flip_bits(rng, x, rng.integers(0, 4, n), 3)
+    return {"real": (db, q), "real tiled": (x.view(np.uint8).reshape(n, 8), q)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,14 +242,17 @@ def radius_recall(got, truth):
     return 1.0 if total == 0 else float(found / total)
 
 
-def run_dataset(kind, n, nq, centres, seed, repeats, skip_faiss, log):
-    db, q = make_dataset(kind, n, nq, centres, seed)
+def run_dataset(kind, n, nq, centres, seed, repeats, skip_faiss, log, data=None):
+    db, q = make_dataset(kind, n, nq, centres, seed) if data is None else data
+    n, nq = db.shape[0], q.shape[0]
     ref = Ours("flat")
     ref.build(db)
     truth = {("knn", k): ref.knn(q, k) for k in (10, 100)}
     truth[("radius", 2)] = [np.sort(r) for r in ref.radius(q, 2)]
     rows = []
     for method in methods(skip_faiss):
+        if data is not None and getattr(method, "kind", None) == "multihash":
+            continue  # ~5 q/s on the tiled real codes (probes nearly every bucket): not cheap
         t0 = time.perf_counter()
         method.build(db)
         build = time.perf_counter() - t0
@@ -297,7 +319,13 @@ def markdown(rows, meta) -> str:
         "hash tables (MIH tables, faiss hash buckets) reported separately.",
         "",
     ]
-    for dataset in sorted({r["dataset"] for r in rows}, key=lambda d: (d != "clustered", d)):
+    if meta.get("real"):
+        lines[4:4] = [
+            f"Real codes: `{meta['real']}` (+ `query.npz`) — `real` = the database codes, "
+            "`real tiled` = them tiled to N items with 0..3 random bits flipped per item; "
+            "queries = the real query codes.",
+        ]
+    for dataset in sorted({r["dataset"] for r in rows}, key=lambda d: (d != "clustered", len(d), d)):
         for n in sorted({r["n"] for r in rows if r["dataset"] == dataset}):
             lines += [
                 f"## {dataset}, N = {n:,}",
@@ -317,6 +345,8 @@ def markdown(rows, meta) -> str:
                     f"{fmt_qps(r['radius2'])} |"
                 )
             lines.append("")
+    if not meta["targets"]:
+        return "\n".join(lines)
     lines += [
         "## Targets (side by side, same run)",
         "",
@@ -388,10 +418,17 @@ def main(argv=None):
     p.add_argument("--big", action="store_true", help="also run N = 10M")
     p.add_argument("--no-faiss", action="store_true", help="skip faiss (if not installed)")
     p.add_argument("--seed", type=int, default=0)
+    default_real = Path(__file__).resolve().parents[1] / "runs/demo/codes/database.npz"
+    p.add_argument("--real", type=Path, default=default_real if default_real.exists() else None,
+                   help="real codes (database.npz with query.npz beside it); adds the real datasets")
+    p.add_argument("--only-real", action="store_true", help="run only the real-code datasets")
     p.add_argument("--out", type=Path, default=None, help="output path without suffix (default results/bench_index)")
     args = p.parse_args(argv)
     if args.out is None:  # a smoke test must not overwrite the real results
-        args.out = Path(__file__).resolve().parent / "results" / ("bench_index_quick" if args.quick else "bench_index")
+        name = "bench_index" + "_real" * args.only_real + "_quick" * args.quick
+        args.out = Path(__file__).resolve().parent / "results" / name
+    if args.only_real and (args.real is None or not args.real.exists()):
+        p.error(f"--only-real needs the real codes (--real): {args.real} not found")
     if args.quick:
         args.n, args.queries, args.centres = min(args.n, 20_000), min(args.queries, 200), 200
     if not args.no_faiss:
@@ -411,14 +448,18 @@ def main(argv=None):
         "threads": n_threads(),
         "faiss": "-" if args.no_faiss else __import__("faiss").__version__,
         "numpy": np.__version__,
+        "real": str(args.real) if args.real else None,
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
     print(f"# {meta['command']}  (load {meta['load_before']})")
     rows = []
     t0 = time.perf_counter()
-    for n in sizes:
+    for n in [] if args.only_real else sizes:
         for kind in ("clustered", "random"):
             rows += run_dataset(kind, n, args.queries, args.centres, args.seed, args.repeats, args.no_faiss, print)
+    if args.real:
+        for kind, data in real_datasets(args.real, args.n, args.queries, args.seed).items():
+            rows += run_dataset(kind, None, None, None, None, args.repeats, args.no_faiss, print, data)
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     meta["seconds"] = time.perf_counter() - t0
     meta["targets"], meta["all_targets_met"] = targets(rows)
