@@ -83,3 +83,14 @@ def test_each_paper_term_reaches_the_encoder(term):
     assert disc is not None
     d_grads = torch.autograd.grad(disc, enc, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in d_grads)
+
+
+def test_item_contrast_toy_value():
+    from fashionhash.losses import ItemContrastLoss
+
+    # two photos, two views each, K=2, tau=0.5: logits = <h_i, h_j>, partner logit 1, others 0
+    h = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])
+    item = torch.tensor([0, 0, 1, 1])
+    expected = math.log((math.e + 2) / math.e)
+    assert ItemContrastLoss(tau=0.5)(h, item).item() == pytest.approx(expected)
+    assert ItemContrastLoss()(h, torch.arange(4)).item() == 0.0  # no partners: no signal

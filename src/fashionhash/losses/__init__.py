@@ -4,6 +4,7 @@ from fashionhash.losses.core import (
     ClassificationLoss,
     ConfusionLoss,
     DiscriminatorLoss,
+    ItemContrastLoss,
     PairwiseHammingLoss,
     QuantizationLoss,
     WeightedSum,
@@ -16,7 +17,7 @@ from fashionhash.losses.peers import (  # after core: the peers import from it
 )
 
 __all__ = [
-    "LOSSES", "ClassificationLoss", "ConfusionLoss", "DiscriminatorLoss",
+    "LOSSES", "ClassificationLoss", "ConfusionLoss", "DiscriminatorLoss", "ItemContrastLoss",
     "PairwiseHammingLoss", "QuantizationLoss", "WeightedSum", "relaxed_hamming",
     "AttributeClassificationLoss", "CauchyCrossEntropyLoss", "CauchyQuantizationLoss",
     "CentralSimilarityLoss", "DPSHLikelihoodLoss", "DSHContrastiveLoss", "DSHRegularizer",

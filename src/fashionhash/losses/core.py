@@ -92,6 +92,35 @@ class PairwiseHammingLoss(nn.Module):
         return loss
 
 
+@LOSSES.register("item_contrast")
+class ItemContrastLoss(nn.Module):
+    """Item-level term: each view must pick its partner view of the same photo out of the
+    batch (an in-batch softmax over code inner products, as in NT-Xent):
+
+        L = - mean_i log( exp(<h_i, h_p(i)> / (K tau)) / sum_{j != i} exp(<h_i, h_j> / (K tau)) )
+
+    Class-level terms alone collapse an article type onto a few codes; this keeps distinct
+    products of one type apart, so a shopper's photo of the very product comes first.
+    ``forward(codes (B, K), item (B,)) -> scalar``; items without a partner are ignored.
+    """
+
+    def __init__(self, tau: float = 0.1) -> None:
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, codes: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        k = codes.shape[1]
+        logits = codes @ codes.T / (k * self.tau)
+        eye = torch.eye(len(codes), dtype=torch.bool, device=codes.device)
+        logits = logits.masked_fill(eye, float("-inf"))
+        partner = (item[:, None] == item[None, :]) & ~eye
+        has = partner.any(dim=1)
+        if not has.any():
+            return codes.new_zeros(())
+        target = partner.float().argmax(dim=1)
+        return F.cross_entropy(logits[has], target[has])
+
+
 @LOSSES.register("quantization")
 class QuantizationLoss(nn.Module):
     """Distance of the relaxed code from its sign: ``mean((|h| - 1)^2)``.

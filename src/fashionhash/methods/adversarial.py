@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from fashionhash.losses import (
-    ClassificationLoss, ConfusionLoss, DiscriminatorLoss, PairwiseHammingLoss,
+    ClassificationLoss, ConfusionLoss, DiscriminatorLoss, ItemContrastLoss, PairwiseHammingLoss,
     QuantizationLoss, WeightedSum,
 )
 from fashionhash.methods.base import METHODS, HashingMethod, pair_similarity
@@ -46,6 +46,7 @@ class AdversarialHashing(HashingMethod):
                  w_cls: float = 1.0, w_pair: float = 1.0, w_adv: float = 0.2,
                  w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45, m_sep: float = 0.0,
                  class_sim: float = 0.5, graded: bool = False, disc_width: int = 256,
+                 w_item: float = 0.0, item_tau: float = 0.1,
                  adv_pairs: str = "both") -> None:
         super().__init__(feat_dim, n_bits, n_classes, hidden=hidden, dropout=dropout,
                          backbone=backbone)
@@ -58,7 +59,9 @@ class AdversarialHashing(HashingMethod):
         self.quant_loss = QuantizationLoss()
         self.disc_loss = DiscriminatorLoss()
         self.conf_loss = ConfusionLoss()
-        self.weights = WeightedSum({"cls": w_cls, "pair": w_pair, "adv": w_adv, "quant": w_quant})
+        self.item_loss = ItemContrastLoss(tau=item_tau)
+        self.weights = WeightedSum({"cls": w_cls, "pair": w_pair, "adv": w_adv, "quant": w_quant,
+                                    "item": w_item})
         self.class_sim, self.graded, self.adv_pairs = class_sim, graded, adv_pairs
 
     def head_modules(self):
@@ -113,6 +116,8 @@ class AdversarialHashing(HashingMethod):
             "pair": self.pair_loss(codes, sim),
             "quant": self.quant_loss(codes),
         }
+        if has_views and self.weights.active("item"):
+            parts["item"] = self.item_loss(codes, items)
         disc, logs = None, {}
         q, g = self._similar_pairs(yy, n, has_views)
         if len(q):
