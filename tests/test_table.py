@@ -1,0 +1,69 @@
+"""The results-table script end to end in its --quick form, on the tiny real-photo and
+synthetic Fashion-MNIST fixtures: files written, one row per method, finite numbers, and a
+second invocation resumes (trains nothing) instead of starting again."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_table():
+    spec = importlib.util.spec_from_file_location("run_table", REPO / "benchmarks" / "run_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+SCORES = ("map", "map@1000", "top1", "ndcg@10")
+
+
+@pytest.mark.slow
+def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    # one method of each kind (adversarial, real-valued SGML, closed-form, naive) keeps it short
+    argv = ["--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist),
+            "--methods", "adversarial,sgml,lsh,naive", "--runs", str(runs), "--out", str(out)]
+    assert run_table.main(argv) == 0
+    for name in ("table.md", "table.json", "pr_kaggle.png", "pr_fashion_mnist.png"):
+        assert (out / name).is_file(), name
+    table = json.loads((out / "table.json").read_text())
+    sections = (out / "table.md").read_text().split("\n## ")
+    expected = {"adversarial", "sgml", "sgml-real", "lsh", "naive-pixels"}
+    for ds, extra in (("kaggle", {"naive-features"}), ("fashion_mnist", set())):
+        rows = table["datasets"][ds]["rows"]
+        md = next(s for s in sections if s.startswith(table["datasets"][ds]["title"]))
+        labels = [r["label"] for r in rows]
+        assert sorted(labels) == sorted(expected | extra), ds  # one row per method (one bit length)
+        for r in rows:
+            for key in SCORES:
+                v = r["mean"][key]
+                assert math.isfinite(v) and 0 <= v <= 1, (ds, r["label"], key, v)
+            for key in ("encode_ms", "bytes", "query_ms_flat"):
+                assert math.isfinite(r["mean"][key]) and r["mean"][key] >= 0, (ds, r["label"], key)
+            if r["label"] not in ("sgml-real", "naive-pixels", "naive-features"):
+                assert math.isfinite(r["mean"]["p@h2"]) and r["mean"]["query_ms_mih"] >= 0
+            if ds == "kaggle":  # the same-product test exists only for photos
+                assert 0 <= r["mean"]["same_product_top1"] <= r["mean"]["same_product_top10"] <= 1
+            assert md.count(f"| {r['name']} |") == 1
+        # the paper's method is repeated over seeds and reported as mean +- std
+        paper = next(r for r in rows if r["label"] == "adversarial")
+        assert paper["seeds"] == [0, 1] and math.isfinite(paper["std"]["map"])
+        assert " ± " in md
+        # every method of a dataset used the one split file
+        split = (runs / ds / "split.json").read_text()
+        for run_split in (runs / ds).glob("*_s*/split.json"):
+            assert run_split.read_text() == split, run_split
+    # an interrupted or repeated table resumes: nothing is trained or evaluated again
+    metrics = sorted(runs.glob("*/*/metrics.json"))
+    stamps = [p.stat().st_mtime_ns for p in metrics]
+    capsys.readouterr()
+    assert run_table.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in metrics] == stamps
+    assert "trained in" not in capsys.readouterr().out
