@@ -47,7 +47,7 @@ from fashionhash import codes as C  # noqa: E402
 from fashionhash.config import Config, git_commit, load_config  # noqa: E402
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES, default_data_root  # noqa: E402
 from fashionhash.evaluation.evaluate import evaluate_run  # noqa: E402
-from fashionhash.evaluation.metrics import evaluate_retrieval, plot_pr_curves  # noqa: E402
+from fashionhash.evaluation.metrics import evaluate_retrieval  # noqa: E402
 from fashionhash.evaluation.naive import l1_distances, pixel_vectors, rank_metrics  # noqa: E402
 from fashionhash.index import INDEXES  # noqa: E402
 from fashionhash.methods import METHODS  # noqa: E402
@@ -640,16 +640,37 @@ def markdown(tables: dict, header: list[str], notes: list[str]) -> str:
 
 
 def plot_pr(rows: list[dict], path: Path, title: str) -> bool:
+    """PR curves over Hamming radius of every hashing row at the largest bit length (seed 0)
+    in one PNG. Drawn here rather than with ``plot_pr_curves``: a dozen curves need distinct
+    colours and line styles (its default colour cycle repeats after ten) and a legend beside
+    the axes, not over the curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     top = max((r["bits"] for r in rows if r["bits"] and r.get("pr_curve")), default=None)
-    curves = {}
-    for r in rows:
-        pr = r.get("pr_curve")
-        if r["bits"] == top and pr:
-            name = r["name"].replace("**", "")
-            curves[name] = (np.asarray(pr["precision"]), np.asarray(pr["recall"]))
-    if not curves:
+    chosen = [r for r in rows if r["bits"] == top and r.get("pr_curve")]
+    if not chosen:
         return False
-    plot_pr_curves(curves, path, title=f"{title}, {top} bits: P-R over Hamming radius")
+    fig = Figure(figsize=(9, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.08, 0.11, 0.52, 0.8))
+    colours = [f"C{i}" for i in range(10)]
+    styles = ["-", "--", ":", "-."]
+    for i, r in enumerate(chosen):
+        pr = r["pr_curve"]
+        paper = r["label"] == PAPER
+        ax.plot(pr["recall"], pr["precision"], color="black" if paper else colours[i % 10],
+                linestyle="-" if paper else styles[(i // 10 + i) % len(styles)],
+                linewidth=2.4 if paper else 1.3, marker="." if paper else None, markersize=3,
+                label=r["name"].replace("**", ""), zorder=3 if paper else 2)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title}, {top} bits: precision-recall over Hamming radius 0..{top}", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+    fig.savefig(path, format="png")
     return True
 
 
