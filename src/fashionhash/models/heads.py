@@ -36,5 +36,14 @@ class Discriminator(nn.Module):
         self.code = nn.Sequential(nn.Linear(n_bits, width), nn.ReLU(inplace=True))
         self.out = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
 
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """The image side ``(B, F) -> (B, width)``, computed once when one image is judged
+        against several codes (the costly half: F = 1,280 against K <= 128)."""
+        return self.proj(feats)
+
+    def judge(self, projected: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``(projected image (B, width), code (B, K)) -> logit (B,)``."""
+        return self.out(torch.cat([projected, self.code(codes)], dim=1)).squeeze(1)
+
     def forward(self, feats: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.cat([self.proj(feats), self.code(codes)], dim=1)).squeeze(1)
+        return self.judge(self.project(feats), codes)
