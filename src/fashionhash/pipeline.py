@@ -85,7 +85,8 @@ def _extract(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *, augmen
              strength: float, progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
     from fashionhash.models.features import extract_features
 
-    sources = [cat.sources()[i] for i in positions] if cat.paths is None else list(cat.paths[positions])
+    # cat.sources() builds a list of every item: once, not once per position
+    sources = list(cat.paths[positions]) if cat.paths is not None else [cat.pixels[i] for i in positions]
     return extract_features(
         sources, mcfg.backbone, image_size=mcfg.image_size, engine=mcfg.engine,
         augment_seed=augment_seed, augment_strength=strength, progress=progress,
