@@ -31,10 +31,10 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
     argv = ["--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist),
             "--methods", "adversarial,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
             "--readme", str(tmp_path / "README.md")]
-    (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nold\n<!-- table:end -->\n\nafter\n")
+    (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nSTALE-TABLE\n<!-- table:end -->\n\nafter\n")
     assert run_table.main(argv) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert "old" not in readme and readme.endswith("<!-- table:end -->\n\nafter\n")
+    assert "STALE-TABLE" not in readme and readme.endswith("<!-- table:end -->\n\nafter\n")
     assert "\n### Notes" in readme and "](out/pr_kaggle.png)" in readme
     for name in ("table.md", "table.json", "pr_kaggle.png", "pr_fashion_mnist.png"):
         assert (out / name).is_file(), name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,17 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, number of processes) under torchrun, else (0, 1); torch is imported only
+    under torchrun, so the other commands start fast."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    from fashionhash.distributed import env_info
+
+    info = env_info()
+    return info.rank, info.world
+
+
 def _cmd_train(args) -> int:
     from fashionhash.config import load_config
     from fashionhash.training import Callbacks, resume_config, train
@@ -90,6 +102,8 @@ def _cmd_train(args) -> int:
     cb = Callbacks(on_phase=bars.phase, on_step=bars.step, on_epoch=bars.epoch)
     t0 = time.time()
     run = train(cfg, args.run_dir, resume=args.resume, callbacks=cb)
+    if _rank_world()[0] != 0:  # under torchrun rank 0 reports and evaluates
+        return 0
     print(f"trained {cfg.method.name} ({cfg.model.n_bits} bits) into {run} in {time.time() - t0:.1f}s")
     if args.evaluate:
         return _cmd_evaluate(argparse.Namespace(run_dir=run, quiet=args.quiet))
@@ -107,11 +121,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_encode(args) -> int:
+    if args.folder or args.manifest:
+        return _cmd_encode_batch(args)
+    if not args.images:
+        raise ValueError("give photos to encode, or --folder DIR / --manifest CSV")
     from fashionhash import codes as C
     from fashionhash.pipeline import load_run
 
     run = load_run(args.run_dir)
-    real, ok = run.encode_sources(args.images)
+    real, ok = run.encode_sources(args.images, engine=args.engine)
     packed = C.pack(real)
     for path, code, good in zip(args.images, packed, ok):
         print(f"{code.tobytes().hex() if good else 'unreadable':>{2 * packed.shape[1]}}  {path}")
@@ -126,6 +144,8 @@ def _cmd_demo(args) -> int:
     """Train the paper's method on the real photos (or Fashion-MNIST), evaluate, report."""
     from fashionhash.data.catalogue import default_data_root
 
+    if _rank_world()[1] > 1:
+        raise ValueError("demo runs in one process (it ends by serving): under torchrun use `train`")
     data = Path(args.data) if args.data else default_data_root()
     overrides = list(args.overrides)
     if (data / "styles.csv").is_file():
@@ -367,6 +387,100 @@ def _add_serving_commands(sub) -> None:
     v.set_defaults(func=_cmd_serve)
 
 
+# ---------------------------------------------------------------------------------------
+# encode (single photos, or a folder / manifest in resumable chunks) and export
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    rank, sep, world = text.partition("/")
+    try:
+        shard = (int(rank), int(world))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard is RANK/WORLD_SIZE with 0 <= RANK < WORLD_SIZE, got {text!r}")
+    return shard
+
+
+def _cmd_encode_batch(args) -> int:
+    from fashionhash.distributed import encode_folder_distributed
+    from fashionhash.encoding import index_encoded, merge_chunks
+    from fashionhash.pipeline import load_run
+
+    if args.images or (args.folder and args.manifest):
+        raise ValueError("give either photos, or --folder, or --manifest")
+    if args.out is None:
+        raise ValueError("--folder/--manifest need --out OUT_DIR (chunk files, plan.json, codes.npz)")
+    run = load_run(args.run_dir)
+    # under torchrun each process encodes the shard of its rank, then rank 0 merges alone
+    report = encode_folder_distributed(
+        run, args.folder or args.manifest, args.out, engine=args.engine, shard=args.shard,
+        chunk_size=args.chunk_size, batch_size=args.batch_size, num_workers=args.workers,
+        resume=args.resume, progress=_Bars(args.quiet).phase)
+    if report is None:
+        return 0
+    print(f"encoded {report.encoded:,} photos in {report.seconds:.1f}s ({report.images_per_s:.0f} img/s), "
+          f"{report.unreadable} unreadable; {report.resumed_chunks} chunk(s) were already done")
+    if not report.complete:
+        print(f"shard {args.shard[0]}/{args.shard[1]} finished; other shards' chunks are missing: when they "
+              f"are done, run this command again with --resume to merge")
+        return 0
+    merged = merge_chunks(args.out)
+    codes = merged.save(Path(args.out) / "codes.npz")
+    print(f"{int(merged.ok.sum()):,} codes of {len(merged.ok):,} photos written to {codes}")
+    if merged.failed:
+        listing = Path(args.out) / "unreadable.txt"
+        listing.write_text("".join(f"{path}\t{why}\n" for path, why in merged.failed))
+        print(f"{len(merged.failed)} unreadable photo(s) skipped, listed in {listing}")
+    if args.index:
+        index = index_encoded(merged, args.index, backend=args.backend, overwrite=args.force)
+        print(f"indexed {len(index):,} photos ({args.backend}) into {args.index}")
+        index.close()
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from fashionhash.encoding import export_onnx
+    from fashionhash.models.backbones import preprocessing_for
+    from fashionhash.pipeline import load_run
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "encoder.onnx"
+    run = load_run(args.run_dir)
+    export_onnx(run, out)
+    m = run.cfg.model
+    print(f"wrote {out}: normalised photos float32 (B, {preprocessing_for(m.backbone).channels}, "
+          f"{m.image_size}, {m.image_size}) -> codes (B, {run.n_bits}); preprocessing in its metadata")
+    return 0
+
+
+def _add_encoding_commands(sub) -> None:
+    c = sub.add_parser("encode", help="hash photos, or a folder / manifest of photos, with a trained run")
+    c.add_argument("run_dir", type=Path)
+    c.add_argument("images", nargs="*", help="photos to hash and print (or use --folder / --manifest)")
+    c.add_argument("--out", type=Path,
+                   help="photos: save the codes to this .npz; --folder/--manifest: output directory")
+    c.add_argument("--engine", choices=("onnx", "torch"), help="default: the run's model.engine")
+    c.add_argument("--folder", type=Path, help="encode every image file below this folder")
+    c.add_argument("--manifest", type=Path, help="encode the photos of a CSV with a 'path' column")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted encoding in --out")
+    c.add_argument("--chunk-size", type=int, default=1024, help="photos per chunk file (default 1024)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--workers", type=int, default=2, help="decode threads (default 2)")
+    c.add_argument("--shard", type=_parse_shard, default=(0, 1), metavar="RANK/WORLD",
+                   help="encode only this shard's chunks (e.g. 0/4 on the first of four machines)")
+    c.add_argument("--index", type=Path, help="when every chunk is done, save a searchable index here")
+    c.add_argument("--backend", default="mih", help="index backend: flat, mih (default), faiss")
+    c.add_argument("--force", action="store_true", help="replace an existing --index")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_encode)
+
+    x = sub.add_parser("export", help="write a run's encoder (backbone + hash head) as ONNX")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--onnx", action="store_true", help="ONNX format (the only one, the default)")
+    x.add_argument("--out", type=Path, help="output file (default RUN_DIR/encoder.onnx)")
+    x.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fashionhash", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -386,11 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 
-    c = sub.add_parser("encode", help="hash photos with a trained run")
-    c.add_argument("run_dir", type=Path)
-    c.add_argument("images", nargs="+")
-    c.add_argument("--out", type=Path, help="save codes to this .npz")
-    c.set_defaults(func=_cmd_encode)
+    _add_encoding_commands(sub)
 
     r = sub.add_parser("report", help="markdown table of evaluated runs (optionally into README)")
     r.add_argument("run_dirs", nargs="+", type=Path)
@@ -411,8 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    rank, world = _rank_world()
+    # under torchrun: every line says which process logged it; only rank 0 logs at INFO
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+                        format=("" if world == 1 else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:

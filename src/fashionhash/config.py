@@ -34,7 +34,7 @@ class ModelConfig:
     n_bits: int = 64
     hidden: int = 1024
     dropout: float = 0.1
-    engine: str = "onnx"  # feature extraction engine for frozen mode: onnx | torch
+    engine: str = "onnx"  # photo -> features / codes: onnx (fast) | torch
 
 
 @dataclass

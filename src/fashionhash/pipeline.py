@@ -10,9 +10,10 @@ import functools
 import inspect
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from fashionhash.data.catalogue import GRADED_ATTRIBUTES, Catalogue, open_catalo
 from fashionhash.data.splits import Split, make_split
 from fashionhash.methods import METHODS, HashingMethod
 from fashionhash.models.backbones import BACKBONES, preprocessing_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fashionhash.models.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +186,8 @@ class Run:
     method: HashingMethod
     classes: list[str]
     meta: dict
+    _encoders: dict = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def n_bits(self) -> int:
@@ -195,24 +201,29 @@ class Run:
         out = [self.method.encode(x[i:i + batch].float()) for i in range(0, len(x), batch)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_bits), np.float32)
 
+    def encoder(self, engine: str | None = None) -> "FeatureExtractor":
+        """The whole encoder (photos -> relaxed codes ``(N, K)``) in ``engine`` (``"onnx"``
+        or ``"torch"``; default ``model.engine``), built once per engine and kept; see
+        :func:`fashionhash.encoding.build_encoder`."""
+        from fashionhash.encoding import build_encoder
+
+        engine = engine or self.cfg.model.engine
+        with self._lock:  # the service may encode from several threads at once
+            if engine not in self._encoders:
+                self._encoders[engine] = build_encoder(self, engine)
+            return self._encoders[engine]
+
     def encode_sources(self, sources: Sequence, *, augment_seed: int | None = None,
                        strength: float = 1.0, progress: Progress | None = None,
-                       num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        """Photos (paths, PIL images or arrays) -> relaxed codes ``(N, K)`` and ok mask ``(N,)``.
+                       num_workers: int = 2, engine: str | None = None,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Photos (paths, bytes, PIL images or arrays) -> relaxed codes ``(N, K)`` and ok
+        mask ``(N,)``, with the whole encoder in ``engine`` (default ``model.engine``).
 
-        Unreadable photos get a zero code and ``ok=False``."""
-        m = self.cfg.model
-        if m.mode == "frozen":
-            from fashionhash.models.features import extract_features
-
-            feats, ok = extract_features(list(sources), m.backbone, image_size=m.image_size,
-                                         engine=m.engine, augment_seed=augment_seed,
-                                         augment_strength=strength, progress=progress,
-                                         num_workers=num_workers)
-            return self.codes_from_inputs(feats), ok
-        x, ok = images_to_array(list(sources), m.backbone, m.image_size,
-                                augment_seed=augment_seed, strength=strength)
-        return self.codes_from_inputs(x), ok
+        Unreadable photos get a zero code and ``ok=False`` (one summarising warning)."""
+        return self.encoder(engine)(list(sources), batch_size=batch_size, num_workers=num_workers,
+                                    augment_seed=augment_seed, augment_strength=strength,
+                                    progress=progress)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:

@@ -141,11 +141,14 @@ def cache_dir() -> Path:
 def _model_digest(model: "nn.Module") -> str:
     """Hash of weights (names, shapes, bytes) + model and exporter source + export version.
 
-    Any edit to the model's code or to this module gives a new file name, so a cached
-    graph can never be stale.
+    Any edit to this module or to the code of any fashionhash module inside the model
+    (backbone, hash head, a method's ``encode``) gives a new file name, so a cached graph
+    can never be stale.
     """
     h = hashlib.sha256(f"v{_EXPORT_VERSION}/{type(model).__qualname__}".encode())
-    for src in (inspect.getfile(type(model)), __file__):
+    sources = {inspect.getfile(type(m)) for m in model.modules()
+               if type(m).__module__.split(".")[0] == "fashionhash"}
+    for src in (*sorted(sources | {inspect.getfile(type(model))}), __file__):
         try:
             h.update(Path(src).read_bytes())
         except (TypeError, OSError):
@@ -337,6 +340,9 @@ class FeatureExtractor:
     on one thread, than one batch on all cores -- depthwise convolutions scale poorly
     across intra-op threads. A single batch (e.g. one query photo) uses a second
     session with ``threads`` (default ``os.cpu_count()``) intra-op threads for latency.
+
+    ``channels_last`` (torch engine): convert ``model`` to channels-last memory format, in
+    place (same values; faster convolutions on CPU, benchmarks/bench_encode.py).
     """
 
     def __init__(
@@ -349,6 +355,7 @@ class FeatureExtractor:
         resize_mode: str = "letterbox",
         threads: int | None = None,
         parallel_batches: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         from .backbones import build_backbone, preprocessing_for
 
@@ -364,8 +371,14 @@ class FeatureExtractor:
         self.feat_dim = int(self.model.feat_dim)
         cpus = os.cpu_count() or 1
         self.threads = int(threads or cpus)
-        # The torch engine runs batches one at a time on torch's own intra-op threads.
-        self.parallel_batches = 1 if engine == "torch" else int(parallel_batches or cpus)
+        # The torch engine runs batches one at a time on torch's own intra-op threads
+        # unless told otherwise (then set torch.set_num_threads(1): one core per batch).
+        self.parallel_batches = int(parallel_batches or (1 if engine == "torch" else cpus))
+        self.channels_last = bool(channels_last and engine == "torch")
+        if self.channels_last:
+            import torch
+
+            self.model.to(memory_format=torch.channels_last)
         # Fold /255 and (x - mean) / std into one multiply-add on the uint8 batch.
         std = np.asarray(prep.std, dtype=np.float32)
         mean = np.asarray(prep.mean, dtype=np.float32)
@@ -395,10 +408,84 @@ class FeatureExtractor:
         try:
             device = next(self.model.parameters()).device
             with torch.inference_mode():
-                out = self.model.embed(torch.from_numpy(np.ascontiguousarray(x)).to(device))
-                return out.float().cpu().numpy()
+                xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+                if self.channels_last:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                return self.model.embed(xt).float().cpu().numpy()
         finally:
             self.model.train(was_training)
+
+    def batches(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        ranges: Sequence[tuple[int, int]] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        executor: Literal["thread", "process"] = "thread",
+        augment_seed: int | None = None,
+        augment_strength: float = 1.0,
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+        """Features batch by batch, in order: yields ``(start, features (b, feat_dim)
+        float32, ok (b,) bool, errors)`` for ``images[start:start + b]``; unreadable rows
+        are zero with ``ok=False`` and ``errors`` gives their reasons in order.
+
+        ``ranges``: the ``(start, stop)`` batches to run (default: consecutive slices of
+        ``batch_size``), e.g. to keep batches inside a caller's chunks while one decode
+        pool and model pool stay busy across all of them. See :meth:`__call__` for the rest.
+        """
+        if ranges is None:
+            ranges = [(s, min(s + batch_size, len(images))) for s in range(0, len(images), batch_size)]
+        ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        spec = _PrepSpec(self.image_size, self.channels, self.resize_mode,
+                         augment_seed, float(augment_strength))
+        multi = len(ranges) > 1 and self.parallel_batches > 1
+
+        def run_model(start: int, u8: np.ndarray, good: np.ndarray,
+                      errs: list[str]) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+            feats = np.zeros((len(good), self.feat_dim), dtype=np.float32)
+            if good.any():
+                feats[good] = self.embed_array(self.normalise(u8[good]), single_thread=multi)
+            return start, feats, good, errs
+
+        def decoded() -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+            """Decoded batches in order; up to 2 * num_workers in flight."""
+            if num_workers <= 0 or len(ranges) <= 1:
+                for a, b in ranges:
+                    yield _prepare_batch(list(images[a:b]), a, spec)
+                return
+            pool = _make_pool(executor, num_workers)
+            try:
+                pending: deque[cf.Future] = deque()
+                it = iter(ranges)
+                for a, b in it:
+                    pending.append(pool.submit(_prepare_batch, list(images[a:b]), a, spec))
+                    if len(pending) >= 2 * num_workers:
+                        break
+                while pending:
+                    result = pending.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:  # keep the workers busy while the model runs
+                        pending.append(pool.submit(_prepare_batch, list(images[nxt[0]:nxt[1]]), nxt[0], spec))
+                    yield result
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        if not multi:
+            for batch in decoded():
+                yield run_model(*batch)
+            return
+        model_pool = cf.ThreadPoolExecutor(self.parallel_batches, thread_name_prefix="fh-model")
+        try:
+            running: deque[cf.Future] = deque()
+            for batch in decoded():
+                running.append(model_pool.submit(run_model, *batch))
+                while len(running) >= self.parallel_batches:
+                    yield running.popleft().result()
+            while running:
+                yield running.popleft().result()
+        finally:
+            model_pool.shutdown(wait=True, cancel_futures=True)
 
     def __call__(
         self,
@@ -422,70 +509,15 @@ class FeatureExtractor:
         n = len(images)
         feats = np.zeros((n, self.feat_dim), dtype=np.float32)
         ok = np.zeros(n, dtype=bool)
-        if n == 0:
-            return feats, ok
-        spec = _PrepSpec(self.image_size, self.channels, self.resize_mode,
-                         augment_seed, float(augment_strength))
-        starts = list(range(0, n, batch_size))
-        multi = len(starts) > 1 and self.parallel_batches > 1
         errors: list[str] = []
-
-        def run_model(start: int, u8: np.ndarray, good: np.ndarray) -> tuple[int, np.ndarray, np.ndarray | None]:
-            idx = np.flatnonzero(good)
-            if idx.size == 0:
-                return start, idx, None
-            return start, idx, self.embed_array(self.normalise(u8[idx]), single_thread=multi)
-
-        def finish(start: int, idx: np.ndarray, out: np.ndarray | None, count: int) -> None:
-            if out is not None:
-                feats[start + idx] = out
-                ok[start + idx] = True
+        for start, out, good, errs in self.batches(
+                images, batch_size=batch_size, num_workers=num_workers, executor=executor,
+                augment_seed=augment_seed, augment_strength=augment_strength):
+            feats[start:start + len(good)] = out
+            ok[start:start + len(good)] = good
+            errors.extend(errs)
             if progress is not None:
-                progress(count)
-
-        def decoded() -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
-            """Decoded batches in order; up to 2 * num_workers in flight."""
-            if num_workers <= 0 or len(starts) == 1:
-                for s in starts:
-                    yield _prepare_batch(list(images[s:s + batch_size]), s, spec)
-                return
-            pool = _make_pool(executor, num_workers)
-            try:
-                pending: deque[cf.Future] = deque()
-                it = iter(starts)
-                for s in it:
-                    pending.append(pool.submit(_prepare_batch, list(images[s:s + batch_size]), s, spec))
-                    if len(pending) >= 2 * num_workers:
-                        break
-                while pending:
-                    result = pending.popleft().result()
-                    s = next(it, None)
-                    if s is not None:  # keep the workers busy while the model runs
-                        pending.append(pool.submit(_prepare_batch, list(images[s:s + batch_size]), s, spec))
-                    yield result
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-        if not multi:
-            for start, u8, good, errs in decoded():
-                errors.extend(errs)
-                finish(*run_model(start, u8, good), len(good))
-        else:
-            model_pool = cf.ThreadPoolExecutor(self.parallel_batches, thread_name_prefix="fh-model")
-            try:
-                running: deque[tuple[cf.Future, int]] = deque()
-                for start, u8, good, errs in decoded():
-                    errors.extend(errs)
-                    running.append((model_pool.submit(run_model, start, u8, good), len(good)))
-                    while len(running) >= self.parallel_batches:
-                        fut, count = running.popleft()
-                        finish(*fut.result(), count)
-                while running:
-                    fut, count = running.popleft()
-                    finish(*fut.result(), count)
-            finally:
-                model_pool.shutdown(wait=True, cancel_futures=True)
-
+                progress(len(good))
         if errors:
             log.warning(
                 "%d of %d images could not be read (zero features, ok=False); first: %s",

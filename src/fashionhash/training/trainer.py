@@ -2,12 +2,18 @@
 seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, and the
 best checkpoint chosen on the validation split (never on the test queries).
 
+Under ``torchrun`` every process runs :func:`train` with the same arguments (see
+:mod:`fashionhash.distributed`): each process encodes its share of every global batch of
+``train.batch_size`` items, the losses see the whole batch, the gradients are averaged,
+and only rank 0 writes files, validates and reports progress.
+
 A run directory holds: ``config.yaml`` (resolved), ``meta.json`` (git commit, classes,
 versions), ``split.json``, ``log.jsonl``, ``checkpoints/{last,best}.pt`` and, after
 evaluation, ``metrics.json`` and ``pr_curve.png``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,13 +23,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from fashionhash import codes as C
-from fashionhash.config import Config, git_commit, load_config, save_config
+from fashionhash import distributed
+from fashionhash.config import Config, TrainConfig, git_commit, load_config, save_config
+from fashionhash.distributed import DistInfo
 from fashionhash.evaluation.metrics import mean_average_precision, relevance_from_labels, top1_expected
 from fashionhash.pipeline import (
     VIEW_SEED, Labels, build_method, image_array, item_features, open_data,
@@ -135,9 +143,18 @@ def _val_metrics(q_real, db_real, q_y, db_y) -> dict:
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
           callbacks: Callbacks | None = None) -> Path:
-    """Train ``cfg`` into ``run_dir`` (resuming from ``checkpoints/last.pt`` when asked)."""
-    cb = callbacks or Callbacks()
-    run_dir = Path(run_dir)
+    """Train ``cfg`` into ``run_dir`` (resuming from ``checkpoints/last.pt`` when asked).
+
+    Under ``torchrun`` this joins the process group and leaves it when done (or on an
+    error); ``callbacks`` are called on rank 0 only. ``--resume`` on several machines needs
+    ``run_dir`` on a filesystem they share: every process reads ``checkpoints/last.pt``.
+    """
+    with distributed.session() as info:
+        cb = (callbacks or Callbacks()) if info.is_main else Callbacks()
+        return _train(cfg, Path(run_dir), resume, cb, info)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last_path = ckpt_dir / "last.pt"
     if resume:
@@ -145,14 +162,23 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             raise FileNotFoundError(f"cannot resume: {run_dir} has no config.yaml")
     elif last_path.is_file():
         raise FileExistsError(f"{run_dir} already holds a run: use --resume or another --run-dir")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    threads = cfg.train.threads or os.cpu_count() or 1
+    if cfg.train.batch_size % info.world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be "
+                         f"divisible by the number of processes ({info.world})")
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    # the processes of one machine share its cores
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world)
     torch.set_num_threads(threads)
     jlog = _JsonLog(run_dir / "log.jsonl")
 
     # ---- data ------------------------------------------------------------------------
-    cat, split = open_data(cfg, run_dir / "split.json")
+    split_path = run_dir / "split.json"
+    with distributed.main_first(info):
+        # rank 0 draws and saves the split; the others read it, or (run directory not
+        # shared) draw the same one from the same seed without saving it
+        cat, split = open_data(cfg, split_path if info.is_main or split_path.is_file() else None)
     classes = list(split.protocol["classes"])
     labels = Labels.build(cat, classes)
     pos = {p: cat.positions(getattr(split, p)) for p in ("train", "val")}
@@ -162,16 +188,18 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     frozen = mcfg.mode == "frozen"
     if frozen:
         feats, ok = {}, {}
-        for p in ("train", "val"):
-            feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
-                                            progress=cb.on_phase(f"features {p}", len(pos[p])))
         views = []
-        for v in range(n_views):
-            f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
-                                 strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
-                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
-            views.append(f)
-            ok["train"] = ok["train"] & o
+        # the first process of each machine fills its feature cache, the others read it
+        with distributed.main_first(info, local=True):
+            for p in ("train", "val"):
+                feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
+                                                progress=cb.on_phase(f"features {p}", len(pos[p])))
+            for v in range(n_views):
+                f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
+                                     strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
+                                     progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
+                views.append(f)
+                ok["train"] = ok["train"] & o
     else:
         ok = {p: _readable(cat, pos[p]) for p in ("train", "val")}
     for p in ("train", "val"):
@@ -181,13 +209,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     y_tr, y_val = labels.y[tr], labels.y[pos["val"][ok["val"]]]
 
     meta_path = run_dir / "meta.json"
-    if not meta_path.is_file():
+    if info.is_main and not meta_path.is_file():
         meta = {
             "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "classes": classes, "n_train": int(len(tr)), "command": sys.argv,
             "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "threads": threads, "attr_keys": list(labels.attr_keys),
-            "attr_sizes": labels.attr_sizes(),
+            "numpy": np.__version__, "threads": threads, "world_size": info.world,
+            "attr_keys": list(labels.attr_keys), "attr_sizes": labels.attr_sizes(),
         }
         meta_path.write_text(json.dumps(meta, indent=1))
 
@@ -208,8 +236,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         for name, o in optims.items():
             o.load_state_dict(state["optim"][name])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        jlog.write(event="resume", epoch=start_epoch)
-        log.info("resuming %s at epoch %d", run_dir, start_epoch)
+        if info.is_main:
+            jlog.write(event="resume", epoch=start_epoch)
+            log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
     if frozen:
         batches = _FrozenBatches(feats["train"][ok["train"]],
@@ -223,12 +252,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
                            tcfg.seed, dcfg.augment_strength, views=n_views > 0)
         n_steps = max(1, len(ds) // tcfg.batch_size)
-        val_x = _stack_images(cat, pos["val"][ok["val"]], spec, mcfg.image_size)
-        # images of the whole database would not fit in memory at 128 px: validate against a
-        # fixed random sample of it (the same every epoch, so scores stay comparable)
-        keep = np.sort(np.random.default_rng(tcfg.seed).permutation(len(tr))[:VAL_DB_IMAGES])
-        db_x = _stack_images(cat, tr[keep], spec, mcfg.image_size)
-        y_db_val = y_tr[keep]
+        if info.is_main:  # only rank 0 validates: the others need not hold the images
+            val_x = _stack_images(cat, pos["val"][ok["val"]], spec, mcfg.image_size)
+            # images of the whole database would not fit in memory at 128 px: validate against
+            # a fixed random sample of it (the same every epoch, so scores stay comparable)
+            keep = np.sort(np.random.default_rng(tcfg.seed).permutation(len(tr))[:VAL_DB_IMAGES])
+            db_x = _stack_images(cat, tr[keep], spec, mcfg.image_size)
+            y_db_val = y_tr[keep]
 
     def encode(x: np.ndarray) -> np.ndarray:
         method.eval()
@@ -244,6 +274,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         fit(torch.from_numpy(feats["train"][ok["train"]]), torch.from_numpy(y_tr))
     trainable = any(p.requires_grad for p in method.parameters())
     n_epochs = tcfg.epochs if trainable else 1
+    # as DistributedDataParallel does: start every rank from rank 0's weights (a rank whose
+    # initialisation differed, e.g. another torch build, would encode its share differently);
+    # identical averaged updates keep them equal from then on
+    distributed.broadcast_tensors_([t for t in method.state_dict().values() if t.is_floating_point()],
+                                   info)
+    local_batch = tcfg.batch_size // info.world
 
     # ---- loop ------------------------------------------------------------------------
     for epoch in range(start_epoch, n_epochs):
@@ -254,26 +290,36 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         if not trainable:
             stream = iter(())
         elif frozen:
+            # every rank draws the same global batches (same seed); the sharded encoder
+            # below picks each rank's share of them
             stream = batches.epoch(rng)
         else:
             ds.epoch = epoch
-            g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            stream = torch.utils.data.DataLoader(
-                ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=True, generator=g,
-                num_workers=tcfg.num_workers, persistent_workers=False)
+            stream = _image_batches(ds, tcfg, epoch, rng, info)
         sums: dict[str, float] = {}
         step = -1
         for step, batch in enumerate(stream):
-            losses, parts = method.objectives(batch)
+            with (distributed.sharded_encoder(method, info, local_batch, local_inputs=not frozen,
+                                              seed=_shard_seed(tcfg.seed, epoch, step, info.rank))
+                  if info.world > 1 else contextlib.nullcontext()):
+                losses, parts = method.objectives(batch)
             bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
-            if bad:
-                jlog.write(event="diverged", epoch=epoch, step=step, parts=parts)
+            if bad:  # the losses are the same on every rank: all of them stop here
+                if info.is_main:
+                    jlog.write(event="diverged", epoch=epoch, step=step, parts=parts)
                 raise TrainingDiverged(
                     f"loss became non-finite at epoch {epoch}, step {step}: {bad}; parts {parts}. "
                     "Lower train.lr or check the inputs; the last good checkpoint is "
                     f"{last_path if last_path.is_file() else 'none'}")
             grads = {name: torch.autograd.grad(losses[name], params[name], allow_unused=True)
                      for name in losses if name in params}
+            # Averaged here rather than by DistributedDataParallel: DDP reduces gradients in
+            # hooks of loss.backward(), but each group (encoder, discriminator) takes its
+            # gradient with autograd.grad at the same point (simultaneous updates), which DDP
+            # would not see; and the sharded encoder's gathers already route every rank's
+            # share of the global loss to the right rank. Every rank holds the same groups and
+            # the same unused (None) parameters, since every rank computes the same losses.
+            distributed.all_reduce_mean_([g for gs in grads.values() for g in gs if g is not None], info)
             for name, gs in grads.items():
                 optims[name].zero_grad(set_to_none=True)
                 for p, gr in zip(params[name], gs):
@@ -284,7 +330,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             cb.on_step(epoch, step, n_steps, parts)
         n_done = max(1, step + 1)
         train_parts = {k: v / n_done for k, v in sums.items()}
-        val = _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val)
+        # rank 0 validates; its scores, hence the best-epoch decision, go to every rank
+        val = distributed.broadcast_object(
+            _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val) if info.is_main else None, info)
         score = val[tcfg.select_metric]
         improved = best is None or score > best["score"]
         if improved:
@@ -292,15 +340,46 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
         record = {"event": "epoch", "epoch": epoch, "train": train_parts, "val": val,
                   "best_epoch": best["epoch"], "seconds": round(time.time() - t0, 2)}
         history.append(record)
-        state = {"method": method.state_dict(), "optim": {n: o.state_dict() for n, o in optims.items()},
-                 "epoch": epoch, "best": best, "history": history}
-        _atomic_torch_save(state, last_path)
-        if improved:
-            _atomic_torch_save({"method": method.state_dict(), "epoch": epoch, "val": val},
-                               ckpt_dir / "best.pt")
-        jlog.write(**record)
+        if info.is_main:
+            state = {"method": method.state_dict(), "optim": {n: o.state_dict() for n, o in optims.items()},
+                     "epoch": epoch, "best": best, "history": history}
+            _atomic_torch_save(state, last_path)
+            if improved:
+                _atomic_torch_save({"method": method.state_dict(), "epoch": epoch, "val": val},
+                                   ckpt_dir / "best.pt")
+            jlog.write(**record)
         cb.on_epoch(record)
+    distributed.barrier(info)  # no rank returns before rank 0's checkpoint is on disk
     return run_dir
+
+
+def _image_batches(ds: _ImageDataset, tcfg: TrainConfig, epoch: int, rng: np.random.Generator,
+                   info: DistInfo) -> Iterator[dict]:
+    """Finetune mode: the epoch's batches of photos. Under torchrun each rank loads only its
+    share of every global batch (``DistributedSampler``), and the labels of the whole global
+    batch are gathered, since the losses compare every pair of it."""
+    if info.world == 1:
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        yield from torch.utils.data.DataLoader(
+            ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=True, generator=g,
+            num_workers=tcfg.num_workers, persistent_workers=False)
+        return
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=info.world, rank=info.rank,
+                                                  shuffle=True, seed=tcfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_size=tcfg.batch_size // info.world, sampler=sampler,
+                                         drop_last=True, num_workers=tcfg.num_workers,
+                                         persistent_workers=False)
+    for batch in loader:
+        for key in ("y", "item", "attrs"):
+            batch[key] = distributed.all_gather_rows(batch[key], info)
+        yield batch
+
+
+def _shard_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of a rank's private random stream (dropout...) for one step: distinct per rank
+    and step, the same after a resume."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 
 def _stack_images(cat, positions, spec, size) -> np.ndarray:
