@@ -30,6 +30,8 @@ from fashionhash.pipeline import build_method, load_run
 from fashionhash.training import resume_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# a process that waits on a peer fails after 3 minutes instead of the 2-hour default
+os.environ.setdefault("FASHIONHASH_DIST_TIMEOUT", "180")
 #: a frozen-feature problem small enough for seconds: 530 training items, 8 steps an epoch
 FROZEN_ARGS = ["model.mode=frozen", "data.n_views=1", "data.n_query=40", "data.n_val=30",
                "data.min_per_class=1", "data.n_damaged=0", "model.n_bits=16", "model.hidden=64",
@@ -146,9 +148,13 @@ def _train_frozen(root: str, run_dir: str, epochs_then_resume: tuple[int, ...]) 
     trainer.item_features = _synthetic_features
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [f"data.root={root}", *FROZEN_ARGS,
                                                                 f"train.epochs={epochs_then_resume[0]}"])
-    train(cfg, run_dir)
-    for epochs in epochs_then_resume[1:]:
-        train(resume_config(run_dir, [f"train.epochs={epochs}"]), run_dir, resume=True)
+    # one process group for all the calls, as the caller's own (a real resume is a new
+    # torchrun): re-creating it on the same port inside one process races with the old
+    # store, which may still be listening (seen to hang a clean-clone CI run)
+    with distributed.session():
+        train(cfg, run_dir)
+        for epochs in epochs_then_resume[1:]:
+            train(resume_config(run_dir, [f"train.epochs={epochs}"]), run_dir, resume=True)
 
 
 def test_two_ranks_resumed_match_one_process(synthetic_fmnist, tmp_path, monkeypatch):

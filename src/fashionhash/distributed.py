@@ -31,7 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 #: how long a process waits for the others at a collective. Long on purpose: rank 0 alone
 #: validates and the first process of each machine alone fills its feature cache while the
 #: others wait; torchrun stops every process as soon as one fails, so a crash never waits.
+#: ``$FASHIONHASH_DIST_TIMEOUT`` (seconds) overrides it (the tests: a hang fails fast).
 TIMEOUT = datetime.timedelta(hours=2)
+
+
+def _timeout() -> datetime.timedelta:
+    env = os.environ.get("FASHIONHASH_DIST_TIMEOUT")
+    return datetime.timedelta(seconds=float(env)) if env else TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def session(device: torch.device = torch.device("cpu")) -> Iterator[DistInfo]:
     if info.world == 1:
         yield info
         return
-    dist.init_process_group(backend_for(device), timeout=TIMEOUT)
+    dist.init_process_group(backend_for(device), timeout=_timeout())
     try:
         yield info
     finally:
