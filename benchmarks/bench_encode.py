@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -37,20 +36,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from bench_features import DEFAULT_DATA, cpu_seconds, load_avg, photo_paths  # noqa: E402
+from bench_features import DEFAULT_DATA, load_avg, model_only, photo_paths, round_robin_best  # noqa: E402
 
 NEAR_ZERO = 1e-4
-
-
-def model_only(fn: Callable[[np.ndarray], object], x: np.ndarray, batch_size: int, parallel: int = 1) -> None:
-    """Run ``fn`` over ``x (N, C, S, S)`` batch by batch, ``parallel`` batches at a time."""
-    batches = [x[s:s + batch_size] for s in range(0, len(x), batch_size)]
-    if parallel == 1:
-        for b in batches:
-            fn(b)
-    else:
-        with ThreadPoolExecutor(parallel) as pool:
-            list(pool.map(fn, batches))
 
 
 def agreement(a: np.ndarray, b: np.ndarray, ok: np.ndarray) -> dict:
@@ -228,18 +216,7 @@ def main() -> None:
 
     if args.only:
         cases = [c for c in cases if args.only in " ".join(c[:3])]
-    # Round-robin repeats, keep each case's fastest run: other jobs on a shared machine only
-    # ever slow a run down, so the minimum is the least disturbed estimate.
-    best: dict[int, tuple[float, float, str]] = {}
-    for rep in range(args.repeat):
-        for i, (engine, mode, settings, n, fn) in enumerate(cases):
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            fn()
-            secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            print(f"[{rep + 1}/{args.repeat}] {engine:20s} {mode:10s} {settings:58s} n={n:5d} {secs:7.2f}s "
-                  f"{n / secs:6.1f} img/s cpu {1000 * cpu / n:5.2f} ms/img (load {load_avg()})", flush=True)
-            if i not in best or secs < best[i][0]:
-                best[i] = (secs, cpu, load_avg())
+    best = round_robin_best(cases, args.repeat, settings_width=58)
     rows = [{"engine": e, "mode": mo, "settings": s, "images": n, "seconds": best[i][0],
              "images_per_s": n / best[i][0], "cpu_ms_per_image": 1000 * best[i][1] / n, "load": best[i][2]}
             for i, (e, mo, s, n, _) in enumerate(cases)]

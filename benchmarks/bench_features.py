@@ -57,6 +57,25 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
+def round_robin_best(cases: list[tuple], repeat: int, settings_width: int) -> dict[int, tuple[float, float, str]]:
+    """Time every ``(engine, mode, settings, n, fn)`` case ``repeat`` times, round-robin,
+    printing each run; return ``{case index: (seconds, cpu seconds, load)}`` of its fastest
+    run: other work on a shared machine only ever slows a run down, so the minimum is the
+    least disturbed estimate."""
+    best: dict[int, tuple[float, float, str]] = {}
+    for rep in range(repeat):
+        for i, (engine, mode, settings, n, fn) in enumerate(cases):
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            fn()
+            secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            print(f"[{rep + 1}/{repeat}] {engine:20s} {mode:10s} {settings:{settings_width}s} n={n:5d} "
+                  f"{secs:7.2f}s {n / secs:7.1f} img/s cpu {1000 * cpu / n:5.2f} ms/img (load {load_avg()})",
+                  flush=True)
+            if i not in best or secs < best[i][0]:
+                best[i] = (secs, cpu, load_avg())
+    return best
+
+
 def model_only(embed: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int,
                parallel: int = 1) -> None:
     """Run ``embed`` over the preprocessed ``x (N, C, S, S)`` batch by batch,
@@ -176,18 +195,7 @@ def main() -> None:
             cases.append(("torch", "end-to-end", f"thread pool x{args.workers}, torch threads {th}",
                           torch_n, e2e(fx_torch, paths[:torch_n], args.workers, "thread", threads=th)))
 
-    # Round-robin repeats, keep each case's fastest run: other work on a shared machine
-    # only ever slows a run down, so the minimum is the least disturbed estimate.
-    best: dict[int, tuple[float, float, str]] = {}
-    for rep in range(args.repeat):
-        for i, (engine, mode, settings, n, fn) in enumerate(cases):
-            c0, t0 = cpu_seconds(), time.perf_counter()
-            fn()
-            secs, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            print(f"[{rep + 1}/{args.repeat}] {engine:5s} {mode:10s} {settings:50s} n={n:5d} "
-                  f"{secs:7.2f}s {n / secs:7.1f} img/s cpu {cpu:6.1f}s (load {load_avg()})", flush=True)
-            if i not in best or secs < best[i][0]:
-                best[i] = (secs, cpu, load_avg())
+    best = round_robin_best(cases, args.repeat, settings_width=50)
     rows = [(e, m, s, n, *best[i]) for i, (e, m, s, n, _) in enumerate(cases)]
 
     header = (
