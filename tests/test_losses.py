@@ -94,3 +94,21 @@ def test_item_contrast_toy_value():
     expected = math.log((math.e + 2) / math.e)
     assert ItemContrastLoss(tau=0.5)(h, item).item() == pytest.approx(expected)
     assert ItemContrastLoss()(h, torch.arange(4)).item() == 0.0  # no partners: no signal
+
+
+def test_item_bits_split_the_code_between_the_terms():
+    """``item_bits=m``: the paper's three terms shape only the first K - m bits, the item
+    term only the last m (rows of the head's output layer)."""
+    torch.manual_seed(0)
+    method = METHODS.build("adversarial", 32, 8, 3, hidden=16, dropout=0.0, w_item=1.0, item_bits=3)
+    parts, _, _ = method.loss_parts(_batch())
+    out_w = method.head.net[-1].weight  # (K, hidden): one row per bit
+    for term in ("cls", "pair", "adv", "item"):
+        g = torch.autograd.grad(parts[term], out_w, retain_graph=True)[0].abs().sum(dim=1)
+        sem, item = g[:5], g[5:]
+        if term == "item":
+            assert sem.sum() == 0 and (item > 0).all(), (term, g)
+        else:
+            assert (sem > 0).any() and item.sum() == 0, (term, g)
+    with pytest.raises(ValueError, match="item_bits"):
+        METHODS.build("adversarial", 32, 8, 3, item_bits=8)

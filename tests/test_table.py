@@ -28,7 +28,8 @@ SCORES = ("map", "map@1000", "top1", "ndcg@10")
 def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     # one method of each kind (adversarial, real-valued SGML, closed-form, naive) keeps it short
-    argv = ["--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist),
+    # two runs side by side in child processes (the CLI): the path the full table takes
+    argv = ["--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist), "--jobs", "2",
             "--methods", "adversarial,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
             "--readme", str(tmp_path / "README.md")]
     (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nSTALE-TABLE\n<!-- table:end -->\n\nafter\n")
@@ -65,10 +66,12 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
         split = (runs / ds / "split.json").read_text()
         for run_split in (runs / ds).glob("*_s*/split.json"):
             assert run_split.read_text() == split, run_split
-    # an interrupted or repeated table resumes: nothing is trained or evaluated again
+        for meta in (runs / ds).glob("*_s*/meta.json"):  # written by the trainer in the child
+            assert json.loads(meta.read_text())["threads"] == 1, meta
+    # an interrupted or repeated table resumes, whatever --jobs: nothing is trained again
     metrics = sorted(runs.glob("*/*/metrics.json"))
     stamps = [p.stat().st_mtime_ns for p in metrics]
     capsys.readouterr()
-    assert run_table.main(argv) == 0
+    assert run_table.main([*argv, "--jobs", "1"]) == 0
     assert [p.stat().st_mtime_ns for p in metrics] == stamps
     assert "trained in" not in capsys.readouterr().out

@@ -39,21 +39,32 @@ from fashionhash.models.heads import Discriminator
 @METHODS.register("adversarial")
 class AdversarialHashing(HashingMethod):
     """Singh et al. (2019): classification + pairwise Hamming + adversarial confusion
-    (+ quantisation). Set a weight to 0 for an ablation (``w_adv=0``: no adversary)."""
+    (+ quantisation). Set a weight to 0 for an ablation (``w_adv=0``: no adversary).
+
+    ``w_item`` adds the item-level term (:class:`~fashionhash.losses.ItemContrastLoss`). On
+    the whole code it fights the class terms, which want every item of a type on one code;
+    ``item_bits=m`` gives it the last ``m`` bits alone (the three paper terms see only the
+    first ``K - m``), so the type decides the distance and the item bits order the items
+    within it. Not in the paper: an extension for finding the very product."""
 
     def __init__(self, feat_dim: int, n_bits: int, n_classes: int, *, hidden: int = 1024,
                  dropout: float = 0.1, backbone: nn.Module | None = None,
                  w_cls: float = 1.0, w_pair: float = 1.0, w_adv: float = 0.2,
                  w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45, m_sep: float = 0.0,
                  class_sim: float = 0.5, graded: bool = False, disc_width: int = 256,
-                 w_item: float = 0.0, item_tau: float = 0.1,
+                 w_item: float = 0.0, item_tau: float = 0.1, item_bits: int = 0,
                  adv_pairs: str = "both") -> None:
         super().__init__(feat_dim, n_bits, n_classes, hidden=hidden, dropout=dropout,
                          backbone=backbone)
         if adv_pairs not in ("item", "class", "both"):
             raise ValueError("adv_pairs is item, class or both")
-        self.classifier = nn.Linear(n_bits, n_classes)
-        self.discriminator = Discriminator(feat_dim, n_bits, width=disc_width)
+        if not 0 <= item_bits < n_bits:
+            raise ValueError(f"item_bits must be in [0, {n_bits}), not {item_bits}")
+        # the first n_bits - item_bits bits carry the semantics (classifier, pairwise and
+        # adversarial terms); the last item_bits bits are left to the item term alone
+        self.sem_bits = n_bits - item_bits
+        self.classifier = nn.Linear(self.sem_bits, n_classes)
+        self.discriminator = Discriminator(feat_dim, self.sem_bits, width=disc_width)
         self.cls_loss = ClassificationLoss()
         self.pair_loss = PairwiseHammingLoss(m_pos=m_pos, m_neg=m_neg, m_sep=m_sep)
         self.quant_loss = QuantizationLoss()
@@ -105,6 +116,7 @@ class AdversarialHashing(HashingMethod):
         inputs = torch.cat([x, batch["x_view"]]) if has_views else x
         feats = self.features(inputs)
         codes = torch.tanh(self.head(feats))
+        sem = codes[:, :self.sem_bits]
         yy = torch.cat([y, y]) if has_views else y
         items = torch.cat([item, item]) if has_views else item
         attrs = batch.get("attrs") if self.graded else None
@@ -112,12 +124,13 @@ class AdversarialHashing(HashingMethod):
             attrs = torch.cat([attrs, attrs])
         sim = pair_similarity(yy, items, self.class_sim, attrs)
         parts = {
-            "cls": self.cls_loss(self.classifier(codes), yy),
-            "pair": self.pair_loss(codes, sim),
+            "cls": self.cls_loss(self.classifier(sem), yy),
+            "pair": self.pair_loss(sem, sim),
             "quant": self.quant_loss(codes),
         }
         if has_views and self.weights.active("item"):
-            parts["item"] = self.item_loss(codes, items)
+            parts["item"] = self.item_loss(codes[:, self.sem_bits:] if self.sem_bits < codes.shape[1] else codes,
+                                           items)
         disc, logs = None, {}
         q, g = self._similar_pairs(yy, n, has_views)
         if len(q):
@@ -125,9 +138,9 @@ class AdversarialHashing(HashingMethod):
             # (it was ~60% of a step's time when computed per judgement)
             pf = self.discriminator.project(feats.detach())
             pq, pq_fixed = pf[q], pf[q].detach()  # the encoder's loss does not train D
-            parts["adv"] = self.conf_loss(self.discriminator.judge(pq_fixed, codes[q]),
-                                          self.discriminator.judge(pq_fixed, codes[g]))
-            cd = codes.detach()
+            parts["adv"] = self.conf_loss(self.discriminator.judge(pq_fixed, sem[q]),
+                                          self.discriminator.judge(pq_fixed, sem[g]))
+            cd = sem.detach()
             d_own, d_swapped = self.discriminator.judge(pq, cd[q]), self.discriminator.judge(pq, cd[g])
             disc = self.disc_loss(d_own, d_swapped)
             with torch.no_grad():
