@@ -139,7 +139,7 @@ def make_plans(args) -> dict[str, Plan]:
             REPO / "configs" / "fashion_mnist.yaml", epochs={"*": 5}, low_bits="top", seed_bits=(64,),
             overrides=[*([f"data.root={Path(args.fmnist).resolve()}"] if args.fmnist else []),
                        "model.mode=frozen", "model.backbone=efficientnet_lite0", "model.image_size=64",
-                       "data.n_views=1", "train.batch_size=256"],
+                       "data.n_views=1", "data.augment_strength=1.0", "train.batch_size=256"],
         ),
     }
     if args.quick:
@@ -855,6 +855,17 @@ def run_dataset(runs: Path, plan: Plan, labels: list[str], extra: list[str], bit
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # open_dataset quietens the catalogue's warnings (every run re-opens it); a caller of
+    # main() in the same process (the tests) gets them back
+    cat_log = logging.getLogger("fashionhash.data.catalogue")
+    level = cat_log.level
+    try:
+        return _main(args, argv)
+    finally:
+        cat_log.setLevel(level)
+
+
+def _main(args, argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t_all = time.time()
     runs = args.runs or REPO / ("runs/table-quick" if args.quick else "runs/table")

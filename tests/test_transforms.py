@@ -210,3 +210,17 @@ def test_augment_strength_zero_is_identity() -> None:
     out = augment(img, np.random.default_rng(0), strength=0.0)
     assert np.array_equal(np.asarray(out), np.asarray(img))
     assert out is not img
+
+
+def test_augment_fills_rotations_with_the_background() -> None:
+    """A garment on black (Fashion-MNIST) keeps a black background after rotation; on white
+    (catalogue photos), a white one."""
+    for bg, fg in ((0, 200), (255, 40)):
+        a = np.full((28, 28), bg, np.uint8)
+        a[6:22, 9:19] = fg
+        img = Image.fromarray(a, "L")
+        for seed in range(6):
+            out = np.asarray(augment(img, np.random.default_rng(seed), strength=0.5).convert("L"), dtype=float)
+            corners = np.concatenate([out[:2, :2].ravel(), out[:2, -2:].ravel(), out[-2:, :2].ravel(),
+                                      out[-2:, -2:].ravel()])
+            assert np.abs(corners - bg).max() < 80, (bg, seed, corners)  # jitter moves it a little

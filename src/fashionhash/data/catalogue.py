@@ -299,7 +299,7 @@ def fetch_fashion_mnist(dest: Path | None = None) -> Path:
                 pixels.append(arr)
                 labels.append(np.full(7000, c, dtype=np.int64))
                 split.append(np.array(["test"] * 1000 + ["train"] * 6000))
-        tmp_out = dest / "fashion-mnist.tmp.npz"
+        tmp_out = dest / f"fashion-mnist.{os.getpid()}.tmp.npz"  # processes fetching at once
         np.savez_compressed(
             tmp_out, pixels=np.concatenate(pixels), labels=np.concatenate(labels),
             split=np.concatenate(split),

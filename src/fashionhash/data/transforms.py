@@ -210,6 +210,15 @@ def preprocess(
     return to_tensor_array(resize_square(img, size, mode), mean, std)
 
 
+def border_colour(img: Image.Image) -> tuple[int, int, int]:
+    """Median colour of an RGB image's outermost pixels: the background that a rotation must
+    fill with (white for catalogue photos, black for Fashion-MNIST: a white fill there drew
+    bright corners that are no part of any garment)."""
+    a = np.asarray(img)
+    edge = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return tuple(int(v) for v in np.median(edge, axis=0))
+
+
 def _random_resized_crop(
     img: Image.Image, rng: np.random.Generator, min_area: float
 ) -> Image.Image:
@@ -242,7 +251,7 @@ def augment(
     """Simulate a shopper's photo of this product; deterministic given ``rng``'s state.
 
     At ``strength=1``: optional horizontal flip (p=0.5), random crop keeping >= 70% of
-    the area, rotation within +-10 degrees (white fill), brightness / contrast /
+    the area, rotation within +-10 degrees (filled with the border colour), brightness / contrast /
     saturation jitter of +-30%, a mild colour cast (+-6% per channel), rescale by
     0.5x..1.5x and JPEG re-compression at quality 30..90. ``strength`` in [0, 1]
     shrinks every range linearly; 0 returns an unchanged copy. Returns RGB.
@@ -260,7 +269,7 @@ def augment(
     img = img.resize((w0, h0), Image.Resampling.BILINEAR)
 
     angle = float(rng.uniform(-10.0, 10.0) * s)
-    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=WHITE)
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=border_colour(img))
 
     img = ImageEnhance.Brightness(img).enhance(float(1.0 + rng.uniform(-0.3, 0.3) * s))
     img = ImageEnhance.Contrast(img).enhance(float(1.0 + rng.uniform(-0.3, 0.3) * s))
