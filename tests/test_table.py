@@ -71,7 +71,10 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
     # an interrupted or repeated table resumes, whatever --jobs: nothing is trained again
     metrics = sorted(runs.glob("*/*/metrics.json"))
     stamps = [p.stat().st_mtime_ns for p in metrics]
+    timings = {ds: (runs / ds / "timings.json").read_text() for ds in ("kaggle", "fashion_mnist")}
     capsys.readouterr()
     assert run_table.main([*argv, "--jobs", "1"]) == 0
     assert [p.stat().st_mtime_ns for p in metrics] == stamps
+    # ... and a table only rebuilt adds nothing to the measured time
+    assert {ds: (runs / ds / "timings.json").read_text() for ds in timings} == timings
     assert "trained in" not in capsys.readouterr().out

@@ -180,16 +180,20 @@ def run_report(run_dirs: list[Path]) -> str:
         epochs = [r for r in log_lines if r.get("event") == "epoch"]
         m["train_seconds"] = sum(r.get("seconds", 0) for r in epochs)
         runs.append((d, m, meta))
-    head = "| metric | " + " | ".join(f"{m['dataset']}, {m['method']}, {m['n_bits']} bits" for _, m, _ in runs) + " |"
+    head = "| metric | " + " | ".join(f"`{d.name}`: {m['dataset']}, {m['method']}, {m['n_bits']} bits"
+                                     for d, m, _ in runs) + " |"
     rows = [head, "|---" * (len(runs) + 1) + "|"]
     for label, key in TABLE_KEYS:
         if any(key in m for _, m, _ in runs):
             rows.append(f"| {label} | " + " | ".join(f"{m[key]:.4f}" if key in m else "-" for _, m, _ in runs) + " |")
     extra = [("distinct database codes", "distinct_database_codes", "{}"),
              ("queries / database", None, None), ("best epoch (on val)", "checkpoint_epoch", "{}"),
-             ("training time (s, 2 cores, excl. features)", "train_seconds", "{:.0f}")]
+             ("training time (s, excl. features)", "train_seconds", "{:.0f}"),
+             ("torch threads", "threads", "{}")]
     for label, key, fmt in extra:
-        if key is None:
+        if key == "threads":
+            vals = [str(meta.get("threads", "-")) for _, _, meta in runs]
+        elif key is None:
             vals = [f"{m['n_query']} / {m['n_database']}" for _, m, _ in runs]
         else:
             vals = [fmt.format(m[key]) if key in m else "-" for _, m, _ in runs]
