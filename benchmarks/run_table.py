@@ -122,8 +122,8 @@ def make_plans(args) -> dict[str, Plan]:
     same features: frozen ImageNet EfficientNet-Lite0 features (computed once, cached), heads
     trained on them for a fixed number of epochs, the same for every method of a dataset
     (photos: 5 epochs, one augmented view per training item; Fashion-MNIST: 4 epochs, no
-    views). Product photos at 128 px; Fashion-MNIST's 28x28 greyscale digits of clothing at 64 px (4x cheaper than 128
-    and as good: a 1-NN probe on 4,000 training images scored 0.797 at 64 px, 0.801 at 128).
+    views). Product photos at 128 px; Fashion-MNIST's 28x28 greyscale digits of clothing at
+    64 px (4x cheaper than 128 and as good: a 1-NN probe on 4,000 training images scored 0.797 at 64 px, 0.801 at 128).
     Training the small CNN end to end (``configs/fashion_mnist.yaml``, the foundation
     issue's Fashion-MNIST figure) costs ~1-3 ms per image per pass on 2 cores, far too slow
     for ~30 runs. Every method at 64 bits; at 16 and 32 bits the paper's method, the two
@@ -335,9 +335,8 @@ def prepare_run(runs: Path, d: Data, label: str, bits: int, seed: int) -> tuple[
     return run_dir, cfg
 
 
-def _train_here(run_dir: Path, cfg: Config) -> float:
+def _train_here(run_dir: Path, cfg: Config, resume: bool) -> float:
     """Train + evaluate in this process; training wall seconds."""
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
     t0 = time.time()
     train(cfg, run_dir, resume=resume)
     wall = time.time() - t0
@@ -345,18 +344,19 @@ def _train_here(run_dir: Path, cfg: Config) -> float:
     return wall
 
 
-def _train_child(run_dir: Path, cfg: Config) -> float:
+def _train_child(run_dir: Path, cfg: Config, resume: bool) -> float:
     """Train + evaluate through the CLI in a child process with one torch thread (several run
     side by side); training wall seconds (the child's wall minus its evaluation, so it
     includes the interpreter start and reading the cached features, a few seconds)."""
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
+    if not resume:
         save_config(cfg, run_dir / "config.yaml")  # `train --resume` without a checkpoint starts from it
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     log_path = run_dir / "table_train.log"
     t0 = time.time()
     with open(log_path, "w") as log_file:
         rc = subprocess.call([sys.executable, "-m", "fashionhash", "train", "--run-dir", str(run_dir),
-                              "--resume", "--evaluate", "--quiet", "train.threads=1"], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+                              "--resume", "--evaluate", "--quiet", "train.threads=1"],
+                             stdout=log_file, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
         raise SystemExit(f"training {run_dir} failed (exit {rc}), {log_path}:\n{tail}")
@@ -376,7 +376,7 @@ def train_runs(runs: Path, d: Data, specs: list[tuple[str, int, int]], jobs: int
     def one(item) -> None:
         label, bits, seed, run_dir, cfg = item
         resumed = (run_dir / "checkpoints" / "last.pt").is_file()
-        wall = (_train_child if jobs > 1 else _train_here)(run_dir, cfg)
+        wall = (_train_child if jobs > 1 else _train_here)(run_dir, cfg, resumed)
         if resumed:  # the killed part is lost from the wall clock: the per-epoch log has it
             epochs = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
             wall = sum(r.get("seconds", 0.0) for r in epochs if r.get("event") == "epoch")

@@ -179,6 +179,8 @@ def run_report(run_dirs: list[Path]) -> str:
         log_lines = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines() if x.strip()]
         epochs = [r for r in log_lines if r.get("event") == "epoch"]
         m["train_seconds"] = sum(r.get("seconds", 0) for r in epochs)
+        if "threads" in meta:
+            m["threads"] = meta["threads"]
         runs.append((d, m, meta))
     head = "| metric | " + " | ".join(f"`{d.name}`: {m['dataset']}, {m['method']}, {m['n_bits']} bits"
                                      for d, m, _ in runs) + " |"
@@ -191,9 +193,7 @@ def run_report(run_dirs: list[Path]) -> str:
              ("training time (s, excl. features)", "train_seconds", "{:.0f}"),
              ("torch threads", "threads", "{}")]
     for label, key, fmt in extra:
-        if key == "threads":
-            vals = [str(meta.get("threads", "-")) for _, _, meta in runs]
-        elif key is None:
+        if key is None:
             vals = [f"{m['n_query']} / {m['n_database']}" for _, m, _ in runs]
         else:
             vals = [fmt.format(m[key]) if key in m else "-" for _, m, _ in runs]

@@ -63,6 +63,8 @@ class AdversarialHashing(HashingMethod):
         # the first n_bits - item_bits bits carry the semantics (classifier, pairwise and
         # adversarial terms); the last item_bits bits are left to the item term alone
         self.sem_bits = n_bits - item_bits
+        # the item term's columns: its own bits, or the whole code when it has none of its own
+        self.item_bits = slice(self.sem_bits, None) if item_bits else slice(None)
         self.classifier = nn.Linear(self.sem_bits, n_classes)
         self.discriminator = Discriminator(feat_dim, self.sem_bits, width=disc_width)
         self.cls_loss = ClassificationLoss()
@@ -129,8 +131,7 @@ class AdversarialHashing(HashingMethod):
             "quant": self.quant_loss(codes),
         }
         if has_views and self.weights.active("item"):
-            parts["item"] = self.item_loss(codes[:, self.sem_bits:] if self.sem_bits < codes.shape[1] else codes,
-                                           items)
+            parts["item"] = self.item_loss(codes[:, self.item_bits], items)
         disc, logs = None, {}
         q, g = self._similar_pairs(yy, n, has_views)
         if len(q):
