@@ -2,6 +2,7 @@
 uninterrupted run, divergence stops with a clear message, a corrupt JPEG is skipped."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def test_one_epoch_real_photos_through_cli(tiny_kaggle, tmp_path, capsys):
     rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run), "--evaluate", "--quiet",
                f"data.root={tiny_kaggle}", "data.n_query=20", "data.n_val=12", "data.min_per_class=5",
                "data.n_damaged=10", "model.image_size=64", "model.n_bits=32", "train.epochs=1",
-               "train.batch_size=32", "train.num_workers=1"])
+               "train.batch_size=32", "train.num_workers=1", "train.select_metric=same_product_top10"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "mAP@all" in out and "same product top-1" in out
@@ -38,6 +39,9 @@ def test_one_epoch_real_photos_through_cli(tiny_kaggle, tmp_path, capsys):
     assert meta["git_commit"] and len(meta["classes"]) == 4
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["map"] <= 1 and metrics["n_bits"] == 32
+    # damaged copies of val items are scored every epoch, so item settings are chosen on val
+    epoch = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    assert epoch["event"] == "epoch" and 0 <= epoch["val"]["same_product_top1"] <= epoch["val"]["same_product_top10"] <= 1
     # the corrupt JPEG in the fixture never reached the model: it was skipped with a warning
     split = json.loads((run / "split.json").read_text())
     assert 99000001 in split["database"] + split["query"] + split["val"]
@@ -58,6 +62,29 @@ def test_resume_after_kill_equals_uninterrupted(synthetic_fmnist, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_val_same_product_scores():
+    from fashionhash.training.trainer import _val_metrics
+
+    rng = np.random.default_rng(0)
+    db = rng.choice([-1.0, 1.0], size=(50, 16))
+    val = -db[:6]  # far from every database code
+    out = _val_metrics(val, db, np.arange(6), np.arange(50) % 6, damaged_real=val[[1, 4]],
+                       damaged_rows=[1, 4])
+    assert out["same_product_top1"] == out["same_product_top10"] == 1.0
+    # a copy that lands on a database item's code, tied with it: half a hit at top-1
+    out = _val_metrics(val, np.concatenate([db, val[[4]]]), np.arange(6), np.arange(51) % 6,
+                       damaged_real=val[[4]], damaged_rows=[4])
+    assert out["same_product_top1"] == 0.5 and out["same_product_top10"] == 1.0
+
+
+def test_select_metric_must_exist_on_val(synthetic_fmnist, tmp_path, capsys):
+    # finetune mode validates class-level scores only
+    args = _fm(synthetic_fmnist, "train.epochs=1", "train.select_metric=same_product_top10")
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--quiet", *args]) == 2
+    assert "select_metric" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_existing_run_is_not_overwritten(synthetic_fmnist, tmp_path, capsys):

@@ -52,7 +52,9 @@ class TrainConfig:
     lr_backbone: float = 1e-4  # finetune mode only
     weight_decay: float = 1e-5
     seed: int = 0
-    select_metric: str = "map@1000"  # chosen on the val split, never on test queries
+    # best checkpoint by this val score (never the test queries): map@1000 | top1, and in frozen
+    # mode with data.n_damaged > 0 also same_product_top1 | same_product_top10
+    select_metric: str = "map@1000"
     num_workers: int = 2
     threads: int | None = None
 

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 PARTS = ("train", "val", "query")
-#: seeds of the augmentation streams: training views and the damaged query copies differ
-VIEW_SEED, DAMAGED_SEED = 1_000, 9_000
+#: seeds of the augmentation streams: training views, damaged test-query and val copies differ
+VIEW_SEED, DAMAGED_SEED, VAL_DAMAGED_SEED = 1_000, 9_000, 9_500
 
 
 def open_data(cfg: Config, split_path: Path | None = None) -> tuple[Catalogue, Split]:

@@ -32,9 +32,11 @@ from fashionhash import codes as C
 from fashionhash import distributed
 from fashionhash.config import Config, TrainConfig, git_commit, load_config, save_config
 from fashionhash.distributed import DistInfo
-from fashionhash.evaluation.metrics import mean_average_precision, relevance_from_labels, top1_expected
+from fashionhash.evaluation.metrics import (
+    mean_average_precision, relevance_from_labels, same_item_topk, top1_expected,
+)
 from fashionhash.pipeline import (
-    VIEW_SEED, Labels, build_method, image_array, item_features, open_data,
+    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, image_array, item_features, open_data,
 )
 from fashionhash.models.backbones import preprocessing_for
 
@@ -134,11 +136,21 @@ def _readable(cat, positions) -> np.ndarray:
     return ok
 
 
-def _val_metrics(q_real, db_real, q_y, db_y) -> dict:
-    dist = C.hamming(C.pack(q_real), C.pack(db_real))
+def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=None) -> dict:
+    """Class-level scores of the val items against the database; with ``damaged_real``
+    (damaged copies of the val items ``damaged_rows``), also their same-product top-1 /
+    top-10 against the database + the val originals, as ``evaluate`` does for the test queries."""
+    q_packed, db_packed = C.pack(q_real), C.pack(db_real)
+    dist = C.hamming(q_packed, db_packed)
     rel = relevance_from_labels(q_y, db_y)
-    return {"map@1000": float(mean_average_precision(dist, rel, k=1000)),
-            "top1": float(top1_expected(dist, rel))}
+    out = {"map@1000": float(mean_average_precision(dist, rel, k=1000)),
+           "top1": float(top1_expected(dist, rel))}
+    if damaged_real is not None and len(damaged_real):
+        gallery = np.concatenate([db_packed, q_packed])
+        true = len(db_packed) + np.asarray(damaged_rows)
+        hits = same_item_topk(C.hamming(C.pack(damaged_real), gallery), true, (1, 10))
+        out.update({"same_product_top1": hits[1], "same_product_top10": hits[10]})
+    return out
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
@@ -165,6 +177,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     if cfg.train.batch_size % info.world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be "
                          f"divisible by the number of processes ({info.world})")
+    selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10"}
+                                         if cfg.model.mode == "frozen" and cfg.data.n_damaged else set())
+    if cfg.train.select_metric not in selectable:
+        raise ValueError(f"train.select_metric={cfg.train.select_metric!r}: this run's val split "
+                         f"gives {sorted(selectable)}")
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -240,6 +257,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
             jlog.write(event="resume", epoch=start_epoch)
             log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
+    val_damaged = val_damaged_rows = None  # finetune mode: class-level validation only
     if frozen:
         batches = _FrozenBatches(feats["train"][ok["train"]],
                                  np.stack([v[ok["train"]] for v in views]) if views else None,
@@ -247,6 +265,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
         n_steps = len(batches)
         val_x, db_x = feats["val"][ok["val"]], feats["train"][ok["train"]]
         y_db_val = y_tr
+        if info.is_main and dcfg.n_damaged:
+            # damaged copies of the first val items (a seed of their own, not the test
+            # queries'), so that item-level settings are chosen on val as well
+            first = pos["val"][ok["val"]][:dcfg.n_damaged]
+            val_damaged, dam_ok = item_features(cat, first, mcfg, augment_seed=VAL_DAMAGED_SEED,
+                                                strength=dcfg.augment_strength,
+                                                num_workers=tcfg.num_workers,
+                                                progress=cb.on_phase("features val damaged", len(first)))
+            val_damaged, val_damaged_rows = val_damaged[dam_ok], np.flatnonzero(dam_ok)
     else:
         sources = cat.sources()
         ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
@@ -332,7 +359,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
         train_parts = {k: v / n_done for k, v in sums.items()}
         # rank 0 validates; its scores, hence the best-epoch decision, go to every rank
         val = distributed.broadcast_object(
-            _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val) if info.is_main else None, info)
+            _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val,
+                         None if val_damaged is None else encode(val_damaged), val_damaged_rows)
+            if info.is_main else None, info)
         score = val[tcfg.select_metric]
         improved = best is None or score > best["score"]
         if improved:
