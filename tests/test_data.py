@@ -1,6 +1,7 @@
 """Catalogue readers, manifest, splits and the config system."""
 import csv
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,20 @@ def test_tiny_catalogue_skips_quirks(tiny_kaggle, caplog):
     assert 99000001 in cat.ids and 99000002 not in cat.ids and 99000003 not in cat.ids
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "1 rows without an image file" in msg and "1 rows with no articleType" in msg
+
+
+def test_cache_fingerprint_ignores_how_the_root_is_spelled(tiny_kaggle, tmp_path, monkeypatch):
+    absolute = read_kaggle(tiny_kaggle).fingerprint()
+    monkeypatch.chdir(tiny_kaggle.parent)
+    assert read_kaggle(tiny_kaggle.name).fingerprint() == absolute
+    # ...but not what the photos are: a touched file gives another key
+    photo = next((tiny_kaggle / "images").glob("*.jpg"))
+    st = photo.stat()
+    os.utime(photo, (st.st_atime, st.st_mtime + 10))
+    try:
+        assert read_kaggle(tiny_kaggle).fingerprint() != absolute
+    finally:
+        os.utime(photo, (st.st_atime, st.st_mtime))
 
 
 def test_manifest(tiny_kaggle, tmp_path, caplog):

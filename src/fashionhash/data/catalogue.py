@@ -133,7 +133,8 @@ class Catalogue:
         return found
 
     def fingerprint(self) -> str:
-        """Content key for caches: ids, image sources (path, size, mtime) or pixel bytes."""
+        """Content key for caches: ids, image sources (absolute path, size, mtime) or pixel
+        bytes. Absolute, so that ``--data ../shared/...`` and its absolute spelling share a cache."""
         h = hashlib.sha256(self.name.encode())
         h.update(self.ids.tobytes())
         if self.pixels is not None:
@@ -142,9 +143,9 @@ class Catalogue:
             for p in self.paths:
                 try:
                     st = os.stat(p)
-                    h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+                    h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}".encode())
                 except OSError:
-                    h.update(f"{p}|missing".encode())
+                    h.update(f"{os.path.abspath(p)}|missing".encode())
         return h.hexdigest()[:16]
 
     def metadata(self, i: int) -> dict:
