@@ -15,10 +15,10 @@ in ``fashionhash evaluate``): cosine on the raw features (the floor a code is me
 against) and sign-of-PCA codes at 64 to 512 bits with Hamming ranking (tie-aware).
 
     python benchmarks/bench_ceilings.py                  # demo config, ~5 min with cached features
-    python benchmarks/bench_ceilings.py --last-block     # + ~15 min of last-block fine-tuning
+    python benchmarks/bench_ceilings.py --last-block model.image_size=128   # + ~10 min of fine-tuning
     python benchmarks/bench_ceilings.py --quick          # 4,000 photos, smoke test
 
-Writes ``benchmarks/results/ceilings.md`` and ``.json`` (unless ``--out`` is given).
+Writes ``benchmarks/results/ceilings_<image size>.md`` and ``.json`` (unless ``--out`` is given).
 """
 from __future__ import annotations
 
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bits", default="64,128,256,512")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="4,000 photos, 2 epochs, 200 damaged")
-    ap.add_argument("--out", default=None, help="markdown path (default benchmarks/results/ceilings.md)")
+    ap.add_argument("--out", default=None,
+                    help="markdown path (default benchmarks/results/ceilings_<image size>.md)")
     args = ap.parse_args(argv)
     overrides = list(args.overrides)
     if args.quick:  # before the user's overrides, which win
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
               "git_commit": git_commit(), "threads": torch.get_num_threads(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "seconds": round(time.time() - t0, 1)}
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "ceilings.md"
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"ceilings_{cfg.model.image_size}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     md = _markdown(result)
     out.write_text(md)
@@ -264,7 +265,7 @@ def _markdown(r: dict) -> str:
         f"# Ceilings of frozen {r['backbone']} features at {r['image_size']} px",
         "",
         f"`{r['command']}` ({len(r['overrides'])} config overrides: {' '.join(r['overrides']) or 'none'})",
-        f"(commit {r['git_commit']}, {r['machine']}, {r['threads']} torch threads, {r['seconds']:.0f} s; "
+        f"(commit {r['git_commit']}, {r['machine']}, torch threads: {r['threads']}, {r['seconds']:.0f} s; "
         f"{r['n_train']} database items, {r['n_query']} queries, {r['n_damaged']} damaged copies)",
         "",
         "| what | type accuracy / top-1 (val) | type accuracy / top-1 (queries) | same product top-1 | top-10 | note |",
