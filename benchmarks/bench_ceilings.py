@@ -110,24 +110,19 @@ class _Trunk(nn.Module):
         self.net, self.feat_dim = net, channels * cells
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = F.relu6(n._bn0(n._conv_stem(x)))
-        for block in n._blocks[:-1]:
-            x = block(x)
-        return x.flatten(1)
+        return self.net.forward_blocks(x, -1).flatten(1)
 
 
 class _Tail(nn.Module):
-    """The last block + head conv + pooling, ``(B, C, h, w) -> (B, 1280)``."""
+    """The last block + head conv + pooling of a copy of ``net`` (only those get gradients),
+    ``(B, C*h*w) -> (B, 1280)``."""
 
     def __init__(self, net: nn.Module, shape: tuple[int, int, int]) -> None:
         super().__init__()
-        self.block, self.conv, self.bn = (copy.deepcopy(m) for m in (net._blocks[-1], net._conv_head, net._bn1))
-        self.shape = shape
+        self.net, self.shape = copy.deepcopy(net), shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block(x.float().view(-1, *self.shape))
-        return F.relu6(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return self.net.pool(self.net.forward_head(x.float().view(-1, *self.shape), -1))
 
 
 def last_block_rows(cat, pos: dict, y: dict, cfg, epochs: int) -> dict:
@@ -136,11 +131,8 @@ def last_block_rows(cat, pos: dict, y: dict, cfg, epochs: int) -> dict:
 
     net = build_backbone(cfg.model.backbone)
     with torch.inference_mode():
-        probe = torch.zeros(1, 3, cfg.model.image_size, cfg.model.image_size)
-        x = F.relu6(net._bn0(net._conv_stem(probe)))
-        for block in net._blocks[:-1]:
-            x = block(x)
-    shape = tuple(x.shape[1:])
+        size = cfg.model.image_size
+        shape = tuple(net.forward_blocks(torch.zeros(1, 3, size, size), -1).shape[1:])
     fx = FeatureExtractor(cfg.model.backbone, image_size=cfg.model.image_size,
                           model=_Trunk(net, shape[0], shape[1] * shape[2]).eval())
     t0 = time.time()

@@ -150,9 +150,9 @@ def _cmd_demo(args) -> int:
     overrides = list(args.overrides)
     if (data / "styles.csv").is_file():
         overrides = [f"data.root={data}"] + overrides
+        if args.config and not args.config.is_file():
+            raise FileNotFoundError(f"--config {args.config}: no such file")
         config = args.config or Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-        if not config.is_file():
-            raise FileNotFoundError(f"--config {config}: no such file")
     elif args.config:
         raise FileNotFoundError(f"no product photos at {data} (no styles.csv) for --config {args.config}")
     else:

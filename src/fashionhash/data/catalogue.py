@@ -133,8 +133,9 @@ class Catalogue:
         return found
 
     def fingerprint(self) -> str:
-        """Content key for caches: ids, image sources (absolute path, size, mtime) or pixel
-        bytes. Absolute, so that ``--data ../shared/...`` and its absolute spelling share a cache."""
+        """Content key for caches: ids, image sources (path, size, mtime) or pixel bytes.
+        The readers store absolute paths, so ``--data ../shared/...`` and its absolute
+        spelling share a cache."""
         h = hashlib.sha256(self.name.encode())
         h.update(self.ids.tobytes())
         if self.pixels is not None:
@@ -143,9 +144,9 @@ class Catalogue:
             for p in self.paths:
                 try:
                     st = os.stat(p)
-                    h.update(f"{os.path.abspath(p)}|{st.st_size}|{int(st.st_mtime)}".encode())
+                    h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
                 except OSError:
-                    h.update(f"{os.path.abspath(p)}|missing".encode())
+                    h.update(f"{p}|missing".encode())
         return h.hexdigest()[:16]
 
     def metadata(self, i: int) -> dict:
@@ -179,7 +180,9 @@ def read_kaggle(root: str | os.PathLike | None = None, label_key: str = "article
     empty are skipped (one summarising warning). Other empty cells stay as "". Rows with
     extra commas (an unquoted product name) keep the surplus fields in the product name.
     """
-    root = Path(root) if root is not None else default_data_root()
+    # absolute, so that every path (and the cache key made from them) is the same whatever
+    # the working directory and however the root was spelled
+    root = Path(os.path.abspath(root if root is not None else default_data_root()))
     styles = root / "styles.csv"
     if not styles.is_file():
         raise FileNotFoundError(
@@ -233,7 +236,7 @@ def read_manifest(
     """Read a CSV manifest: one row per image, a path column (relative to the CSV's folder
     or absolute), a label column, an optional integer id column (default: row number), and
     any other columns as attributes. Rows whose image file is missing are skipped."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # absolute paths, as read_kaggle
     base = path.parent
     skipped = {"rows without an image file": 0, "rows with no label": 0, "malformed rows": 0}
     ids, paths = [], []

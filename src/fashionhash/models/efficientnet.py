@@ -253,8 +253,20 @@ class EfficientNetLite(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, 1280, ceil(H/32), ceil(W/32))``."""
+        return self.forward_head(self.forward_blocks(x), len(self._blocks))
+
+    def forward_blocks(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Stem and MBConv blocks ``[:stop]`` (all by default): ``(B, 3, H, W) -> (B, C, h, w)``.
+        With :meth:`forward_head` from ``start=stop`` it makes :meth:`forward_features`, e.g. to
+        cache the activations before the last block and train only that block."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:stop]:
+            x = block(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """MBConv blocks ``[start:]`` and the head conv: ``(B, C, h, w) -> (B, 1280, h', w')``."""
+        for block in self._blocks[start:]:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
 
