@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"building {index_path} ...", flush=True)
             build_index(run, index_path).close()
-        source = f"run `{_rel(run)}` with its index `{_rel(index_path)}`"
+        from fashionhash.config import load_config
+
+        m = load_config(run / "config.yaml").model  # photo uploads cost what the backbone costs
+        source = (f"run `{_rel(run)}` ({m.mode} {m.backbone}, {m.image_size} px photos) "
+                  f"with its index `{_rel(index_path)}`")
     index = HashIndex.open(index_path)
     ids = index.index.ids()
     photos = [m["image_path"] for m in index.get_many(ids[:: max(1, len(ids) // 300)].tolist())

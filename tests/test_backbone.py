@@ -23,7 +23,7 @@ from fashionhash.models.efficientnet import (
     load_pretrained,
     pretrained_weights_path,
 )
-from fashionhash.models.features import FeatureExtractor, export_onnx
+from fashionhash.models.features import ONNX_CACHE_KEEP, FeatureExtractor, export_onnx, prune_exports
 from fashionhash.models.small_cnn import SmallCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +164,22 @@ def test_small_cnn_onnx_export_matches(tmp_path: Path) -> None:
         ref = net.embed(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert not net.training  # export must not flip BatchNorm into training mode
+
+
+def test_onnx_cache_keeps_only_recently_used_exports(tmp_path: Path) -> None:
+    net = BACKBONES.build("small_cnn")
+    path = export_onnx(net, "small_cnn", 28, 1, directory=tmp_path)
+    # stale exports of older code/weights, oldest first; the real one is the oldest of all
+    for i in range(ONNX_CACHE_KEEP + 2):
+        stale = tmp_path / f"small_cnn-28px-1ch-stale{i:02d}.onnx"
+        stale.write_bytes(b"x")
+        os.utime(stale, (1_000_000 + i, 1_000_000 + i))
+    os.utime(path, (0, 0))
+    assert export_onnx(net, "small_cnn", 28, 1, directory=tmp_path) == path  # a hit marks it used
+    gone = prune_exports(tmp_path, keep=ONNX_CACHE_KEEP)
+    assert sorted(p.name for p in gone) == ["small_cnn-28px-1ch-stale00.onnx", "small_cnn-28px-1ch-stale01.onnx",
+                                            "small_cnn-28px-1ch-stale02.onnx"]
+    assert path.is_file() and len(list(tmp_path.glob("*.onnx"))) == ONNX_CACHE_KEEP
 
 
 # --------------------------------------------------------------------------- real photos

@@ -23,6 +23,7 @@ import torch
 from fashionhash import codes as C
 from fashionhash.cli import main
 from fashionhash.config import Config, save_config
+from fashionhash.data.transforms import ImageError
 from fashionhash.encoding import (
     IncompleteEncoding,
     encode_folder,
@@ -31,7 +32,8 @@ from fashionhash.encoding import (
     merge_chunks,
 )
 from fashionhash.index.build import IndexInfo
-from fashionhash.pipeline import build_method, images_to_array, load_run
+from fashionhash.models.backbones import preprocessing_for
+from fashionhash.pipeline import build_method, image_array, load_run
 
 CLASSES = ["Casual Shoes", "Jeans", "Tshirts", "Watches"]
 #: relaxed values closer to 0 than this can round to either sign in another engine
@@ -115,8 +117,14 @@ def test_export_finetune_run_uses_its_own_backbone(tiny_kaggle, tmp_path):
     assert meta["fashionhash.n_bits"] == "16" and meta["fashionhash.image_size"] == "64"
     assert sess.get_inputs()[0].name == "input" and sess.get_outputs()[0].name == "codes"
 
-    x, ok = images_to_array(_photos(tiny_kaggle)[:24], "efficientnet_lite0", 64)
-    x = x[ok]
+    spec = preprocessing_for("efficientnet_lite0")
+    x = []
+    for photo in _photos(tiny_kaggle)[:24]:
+        try:
+            x.append(image_array(photo, spec, 64))
+        except ImageError:
+            pass  # the tiny catalogue's corrupt JPEG
+    x = np.stack(x)
     got = sess.run(None, {"input": x})[0]
     run = load_run(run_dir)
     with torch.inference_mode():

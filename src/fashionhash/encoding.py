@@ -310,11 +310,11 @@ def _chunk_path(out: Path, c: int) -> Path:
 
 def _plan(run: "Run", fx: "FeatureExtractor", images: ImageList, chunk_size: int) -> dict:
     """What decides the codes (``settings`` + the image list) and, for the index, the run."""
-    from fashionhash.models.features import _model_digest
+    from fashionhash.models.features import model_digest
 
     m = run.cfg.model
     settings = {
-        "weights": _model_digest(fx.model), "engine": fx.engine, "backbone": m.backbone,
+        "weights": model_digest(fx.model), "engine": fx.engine, "backbone": m.backbone,
         "image_size": fx.image_size, "resize_mode": fx.resize_mode, "n_bits": run.n_bits,
         "chunk_size": int(chunk_size),
     }
@@ -538,7 +538,7 @@ def index_encoded(
     complete; an existing one is replaced only with ``overwrite`` (else FileExistsError).
     """
     from fashionhash.index import HashIndex
-    from fashionhash.index.build import IndexInfo, _replace_dir
+    from fashionhash.index.build import IndexInfo, replace_dir
 
     if not isinstance(encoded, Encoded):
         encoded = merge_chunks(encoded)
@@ -563,7 +563,7 @@ def index_encoded(
             encoded=len(images), skipped=len(images) - int(keep.size),
             max_catalogue_id=int(images.ids.max()) if len(images) else -1,
         ).save(tmp)
-        _replace_dir(tmp, index_path)
+        replace_dir(tmp, index_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

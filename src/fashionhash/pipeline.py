@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ from fashionhash.models.backbones import BACKBONES, preprocessing_for
 if TYPE_CHECKING:  # pragma: no cover
     from fashionhash.models.features import FeatureExtractor
 
-log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 PARTS = ("train", "val", "query")
@@ -133,24 +131,6 @@ def image_array(source, spec, size: int, rng: np.random.Generator | None = None,
     if rng is not None:
         img = augment(img, rng, strength)
     return preprocess(img, size, spec.mean, spec.std, channels=spec.channels)
-
-
-def images_to_array(sources: Sequence, backbone: str, size: int, *, augment_seed: int | None = None,
-                    strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Photos -> ``(N, C, S, S)`` float32 model inputs and ``(N,)`` ok mask (finetune mode)."""
-    from fashionhash.data.transforms import ImageError
-
-    spec = preprocessing_for(backbone)
-    out = np.zeros((len(sources), spec.channels, size, size), np.float32)
-    ok = np.zeros(len(sources), bool)
-    for i, src in enumerate(sources):
-        rng = None if augment_seed is None else np.random.default_rng([augment_seed, i])
-        try:
-            out[i] = image_array(src, spec, size, rng, strength)
-            ok[i] = True
-        except ImageError as e:
-            log.warning("%s", e)
-    return out, ok
 
 
 @functools.lru_cache(maxsize=None)

@@ -152,7 +152,7 @@ def _item_metadata(cat, i: int) -> dict[str, Any]:
     return meta
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished index directory into place; an old one is removed only afterwards."""
     old = None
     if target.exists():
@@ -235,7 +235,7 @@ def build_index(
             max_catalogue_id=int(cat.ids.max()) if len(cat) else -1,
         )
         info.save(tmp)
-        _replace_dir(tmp, index_path)
+        replace_dir(tmp, index_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -64,6 +64,9 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 # Part of the ONNX cache key (with the weights and the model / exporter source files).
 _EXPORT_VERSION = 1
 _ONNX_OPSET = 17
+# Every code or weight change names a new export (see model_digest): keep the most
+# recently used ones and delete the rest, so the cache does not grow with each upgrade.
+ONNX_CACHE_KEEP = 8
 
 
 # --------------------------------------------------------------------------- decoding
@@ -138,7 +141,7 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fashionhash"
 
 
-def _model_digest(model: "nn.Module") -> str:
+def model_digest(model: "nn.Module") -> str:
     """Hash of weights (names, shapes, bytes) + model and exporter source + export version.
 
     Any edit to this module or to the code of any fashionhash module inside the model
@@ -177,8 +180,12 @@ def export_onnx(
     import torch
 
     folder = Path(directory) if directory is not None else cache_dir() / "onnx"
-    path = folder / f"{name}-{image_size}px-{channels}ch-{_model_digest(model)}.onnx"
+    path = folder / f"{name}-{image_size}px-{channels}ch-{model_digest(model)}.onnx"
     if path.is_file():
+        try:
+            os.utime(path)  # recently used: pruning keeps it
+        except OSError:
+            pass
         return path
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -229,7 +236,32 @@ def export_onnx(
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("exported %s at %dpx to %s", name, image_size, path)
+    prune_exports(folder, keep=ONNX_CACHE_KEEP)
     return path
+
+
+def prune_exports(folder: str | os.PathLike, keep: int = ONNX_CACHE_KEEP) -> list[Path]:
+    """Delete all but the ``keep`` most recently used ``*.onnx`` files in ``folder``.
+
+    Returns the deleted paths. A file another process removed first is skipped.
+    """
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    files = sorted(Path(folder).glob("*.onnx"), key=mtime, reverse=True)
+    gone = []
+    for p in files[keep:]:
+        try:
+            p.unlink()
+            gone.append(p)
+        except FileNotFoundError:
+            pass
+    if gone:
+        log.info("deleted %d old ONNX export(s) from %s", len(gone), folder)
+    return gone
 
 
 def _fold_pads_into_convs(path: str) -> None:
