@@ -103,3 +103,18 @@ def test_config_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 3\n")
     assert load_config(path).train.epochs == 3
+
+
+def test_config_values_take_the_declared_types(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string: it crashed deep inside Adam before
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  threads: 1\nmethod:\n  params:\n    item_tau: 5e-2\n")
+    cfg = load_config(path, ["train.lr_disc=2e-3", "method.params.w_item=1e-1", "data.limit=null"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.lr_disc == 2e-3
+    assert cfg.method.params == {"item_tau": 0.05, "w_item": 0.1} and cfg.data.limit is None
+    assert load_config(None, ["train.epochs=1e2", "train.weight_decay=0"]).train.epochs == 100
+    for bad, msg in [("train.lr=fast", "takes a number"), ("train.epochs=2.5", "whole number"),
+                     ("train.epochs=true", "takes a number"), ("model.n_bits=null", "cannot be null"),
+                     ("model.mode=[1]", "cannot be")]:
+        with pytest.raises(TypeError, match=msg):
+            load_config(None, [bad])

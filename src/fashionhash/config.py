@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import subprocess
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +76,55 @@ class Config:
 
 def _coerce(value: str) -> Any:
     """A command-line value as YAML would read it (numbers, bools, null, lists)."""
-    return yaml.safe_load(value)
+    return _number(yaml.safe_load(value))
+
+
+# YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) as a string; such values are numbers here.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Field name -> the types its annotation allows (``int | None`` -> ``(int, NoneType)``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+            typing.get_origin(hint) is typing.Union else (hint,)
+        out[name] = tuple(typing.get_origin(a) or a for a in args)
+    return out
+
+
+def _typed(value: Any, allowed: tuple[type, ...], key: str, where: str) -> Any:
+    """``value`` as the field's declared type, or a TypeError naming the key."""
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise TypeError(f"{where}: {key!r} cannot be null")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{where}: {key!r} takes true/false, got {value!r}")
+    if isinstance(value, bool) and (int in allowed or float in allowed):
+        raise TypeError(f"{where}: {key!r} takes a number, got {value!r}")
+    if float in allowed and isinstance(value, (int, float)):
+        return float(value)
+    if int in allowed:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise TypeError(f"{where}: {key!r} takes a whole number, got {value!r}")
+    if float in allowed:
+        raise TypeError(f"{where}: {key!r} takes a number, got {value!r}")
+    if str in allowed and isinstance(value, (str, int, float)):
+        return str(value)
+    if dict in allowed and isinstance(value, dict):
+        return {k: _number(v) for k, v in value.items()}
+    if Any in allowed or any(isinstance(value, t) for t in allowed if isinstance(t, type)):
+        return value
+    raise TypeError(f"{where}: {key!r} cannot be {value!r}")
 
 
 def _apply(obj: Any, key: str, value: Any, where: str) -> None:
@@ -85,6 +137,7 @@ def _apply(obj: Any, key: str, value: Any, where: str) -> None:
         else:
             raise KeyError(f"{where}: unknown config key {'.'.join(parts[:i + 1])!r}")
     last = parts[-1]
+    value = _number(value)
     if isinstance(obj, dict):
         obj[last] = value
         return
@@ -98,11 +151,7 @@ def _apply(obj: Any, key: str, value: Any, where: str) -> None:
         for k, v in value.items():
             _apply(current, k, v, where)
         return
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise TypeError(f"{where}: {key!r} takes true/false, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    setattr(obj, last, value)
+    setattr(obj, last, _typed(value, _field_types(type(obj))[last], key, where))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
