@@ -118,3 +118,11 @@ def test_config_values_take_the_declared_types(tmp_path):
                      ("model.mode=[1]", "cannot be")]:
         with pytest.raises(TypeError, match=msg):
             load_config(None, [bad])
+
+
+def test_cli_reports_a_bad_config_value_without_a_traceback(tmp_path, capsys):
+    from fashionhash.cli import main
+
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "train.lr=fast"]) == 2
+    assert "'train.lr' takes a number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything

@@ -74,6 +74,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type (a ValueError too, so the CLI reports it cleanly)."""
+
+
 def _coerce(value: str) -> Any:
     """A command-line value as YAML would read it (numbers, bools, null, lists)."""
     return _number(yaml.safe_load(value))
@@ -103,28 +107,28 @@ def _typed(value: Any, allowed: tuple[type, ...], key: str, where: str) -> Any:
     if value is None:
         if type(None) in allowed:
             return None
-        raise TypeError(f"{where}: {key!r} cannot be null")
+        raise ConfigTypeError(f"{where}: {key!r} cannot be null")
     if bool in allowed:
         if isinstance(value, bool):
             return value
-        raise TypeError(f"{where}: {key!r} takes true/false, got {value!r}")
+        raise ConfigTypeError(f"{where}: {key!r} takes true/false, got {value!r}")
     if isinstance(value, bool) and (int in allowed or float in allowed):
-        raise TypeError(f"{where}: {key!r} takes a number, got {value!r}")
+        raise ConfigTypeError(f"{where}: {key!r} takes a number, got {value!r}")
     if float in allowed and isinstance(value, (int, float)):
         return float(value)
     if int in allowed:
         if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
             return int(value)
-        raise TypeError(f"{where}: {key!r} takes a whole number, got {value!r}")
+        raise ConfigTypeError(f"{where}: {key!r} takes a whole number, got {value!r}")
     if float in allowed:
-        raise TypeError(f"{where}: {key!r} takes a number, got {value!r}")
+        raise ConfigTypeError(f"{where}: {key!r} takes a number, got {value!r}")
     if str in allowed and isinstance(value, (str, int, float)):
         return str(value)
     if dict in allowed and isinstance(value, dict):
         return {k: _number(v) for k, v in value.items()}
     if Any in allowed or any(isinstance(value, t) for t in allowed if isinstance(t, type)):
         return value
-    raise TypeError(f"{where}: {key!r} cannot be {value!r}")
+    raise ConfigTypeError(f"{where}: {key!r} cannot be {value!r}")
 
 
 def _apply(obj: Any, key: str, value: Any, where: str) -> None:
@@ -147,7 +151,7 @@ def _apply(obj: Any, key: str, value: Any, where: str) -> None:
     current = getattr(obj, last)
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: {key!r} takes a mapping")
+            raise ConfigTypeError(f"{where}: {key!r} takes a mapping")
         for k, v in value.items():
             _apply(current, k, v, where)
         return
