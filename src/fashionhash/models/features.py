@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 # Part of the ONNX cache key (with the weights and the model / exporter source files).
 _EXPORT_VERSION = 1
 _ONNX_OPSET = 17
-# Every code or weight change names a new export (see model_digest): keep the most
-# recently used ones and delete the rest, so the cache does not grow with each upgrade.
+# Every code or weight change names a new export (see model_digest): beyond the most
+# recently used ones, exports unused for a week are deleted, so the cache does not grow with
+# each upgrade. The age matters: a process may hold a path it has not opened yet.
 ONNX_CACHE_KEEP = 8
+ONNX_CACHE_MAX_AGE_S = 7 * 24 * 3600
 
 
 # --------------------------------------------------------------------------- decoding
@@ -240,8 +243,10 @@ def export_onnx(
     return path
 
 
-def prune_exports(folder: str | os.PathLike, keep: int = ONNX_CACHE_KEEP) -> list[Path]:
-    """Delete all but the ``keep`` most recently used ``*.onnx`` files in ``folder``.
+def prune_exports(folder: str | os.PathLike, keep: int = ONNX_CACHE_KEEP,
+                  max_age_s: float = ONNX_CACHE_MAX_AGE_S) -> list[Path]:
+    """Delete the ``*.onnx`` files in ``folder`` that are neither among the ``keep`` most
+    recently used nor used within ``max_age_s`` seconds.
 
     Returns the deleted paths. A file another process removed first is skipped.
     """
@@ -253,7 +258,10 @@ def prune_exports(folder: str | os.PathLike, keep: int = ONNX_CACHE_KEEP) -> lis
 
     files = sorted(Path(folder).glob("*.onnx"), key=mtime, reverse=True)
     gone = []
+    now = time.time()
     for p in files[keep:]:
+        if now - mtime(p) < max_age_s:
+            continue
         try:
             p.unlink()
             gone.append(p)
