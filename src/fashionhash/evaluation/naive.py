@@ -23,7 +23,7 @@ from fashionhash.evaluation.metrics import (
     relevance_from_labels, same_item_topk, top1_expected,
 )
 
-__all__ = ["l1_distances", "cosine_distances", "rank_metrics", "l1_rank_metrics", "pixel_vectors"]
+__all__ = ["l1_distances", "cosine_distances", "unit_rows", "rank_metrics", "l1_rank_metrics", "pixel_vectors"]
 
 # (queries, items) of one L1 sub-block: the (8, 64, F) float32 temporary stays in L2 cache
 _L1_QUERIES, _L1_ITEMS = 8, 64
@@ -53,14 +53,15 @@ def l1_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``(N, D)`` rows scaled to unit L2 norm, float32 (all-zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cosine_distances(query: np.ndarray, db: np.ndarray) -> np.ndarray:
     """``(Q, D) x (N, D) -> (Q, N)`` float32 ``1 - cos``, in [0, 2]."""
-    return np.clip(1.0 - _unit_rows(query) @ _unit_rows(db).T, 0.0, 2.0)
+    return np.clip(1.0 - unit_rows(query) @ unit_rows(db).T, 0.0, 2.0)
 
 
 def rank_metrics(

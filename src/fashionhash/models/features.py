@@ -250,17 +250,17 @@ def prune_exports(folder: str | os.PathLike, keep: int = ONNX_CACHE_KEEP,
 
     Returns the deleted paths. A file another process removed first is skipped.
     """
-    def mtime(p: Path) -> float:
+    files = []
+    for p in Path(folder).glob("*.onnx"):
         try:
-            return p.stat().st_mtime
+            files.append((p.stat().st_mtime, p))
         except OSError:
-            return float("-inf")
-
-    files = sorted(Path(folder).glob("*.onnx"), key=mtime, reverse=True)
+            pass  # removed meanwhile
+    files.sort(reverse=True)
     gone = []
     now = time.time()
-    for p in files[keep:]:
-        if now - mtime(p) < max_age_s:
+    for mtime, p in files[keep:]:
+        if now - mtime < max_age_s:
             continue
         try:
             p.unlink()
