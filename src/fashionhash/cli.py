@@ -22,6 +22,10 @@ TABLE_KEYS = [
     ("same product top-1", "same_product_top1"), ("same product top-10", "same_product_top10"),
     ("same product top-1, re-ranked", "same_product_top1_rerank"),
     ("same product top-10, re-ranked", "same_product_top10_rerank"),
+    ("same product top-1, two-stage", "same_product_2stage_top1"),
+    ("same product top-10, two-stage", "same_product_2stage_top10"),
+    ("same product top-1, descriptor alone", "same_product_descriptor_top1"),
+    ("same product top-10, descriptor alone", "same_product_descriptor_top10"),
 ]
 
 
@@ -74,6 +78,9 @@ def metrics_table(metrics: dict) -> str:
     for label, key in TABLE_KEYS:
         if key in metrics:
             rows.append(f"| {label} | {metrics[key]:.4f} |")
+    if "shortlist" in metrics:
+        rows.append(f"| two-stage shortlist (chosen on val) | {metrics['shortlist']} |")
+        rows.append(f"| bytes per item (code + int8 descriptor) | {metrics['bytes_per_item']} |")
     rows.append(f"| distinct database codes | {metrics.get('distinct_database_codes', '-')} |")
     rows.append(f"| queries / database | {metrics.get('n_query')} / {metrics.get('n_database')} |")
     return "\n".join(rows)
@@ -193,7 +200,9 @@ def run_report(run_dirs: list[Path]) -> str:
     for label, key in TABLE_KEYS:
         if any(key in m for _, m, _ in runs):
             rows.append(f"| {label} | " + " | ".join(f"{m[key]:.4f}" if key in m else "-" for _, m, _ in runs) + " |")
-    extra = [("distinct database codes", "distinct_database_codes", "{}"),
+    extra = [("two-stage shortlist (chosen on val)", "shortlist", "{}"),
+             ("bytes per item (code + int8 descriptor)", "bytes_per_item", "{}"),
+             ("distinct database codes", "distinct_database_codes", "{}"),
              ("queries / database", None, None), ("best epoch (on val)", "checkpoint_epoch", "{}"),
              ("training time (s, excl. features)", "train_seconds", "{:.0f}"),
              ("torch threads", "threads", "{}")]

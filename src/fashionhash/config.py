@@ -64,11 +64,23 @@ class TrainConfig:
 
 
 @dataclass
+class DescriptorConfig:
+    """Second stage of search (frozen EfficientNet-Lite runs): a float descriptor of the
+    backbone, PCA-whitened on the catalogue and stored as int8, re-ranks the Hamming shortlist."""
+
+    kind: str = "none"  # none | gem (GeM of the last feature map and of the last block)
+    scales: list[int] = field(default_factory=list)  # input sizes averaged; [] = model.image_size
+    dim: int = 512  # whitened dimensions = int8 bytes stored per item
+    shortlist: int = 0  # Hamming candidates re-ranked; 0 = chosen on the validation split
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

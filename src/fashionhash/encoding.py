@@ -234,6 +234,21 @@ def build_encoder(run: "Run", engine: "Engine", **options) -> "FeatureExtractor"
     return FeatureExtractor(m.backbone, image_size=m.image_size, engine=engine, model=net, **options)
 
 
+def build_descriptor_encoders(run: "Run", engine: "Engine", scales: Sequence[int]) -> list["FeatureExtractor"]:
+    """Extractors for two-stage queries (frozen runs): at ``scales[0]`` (the model's size)
+    photos -> ``[relaxed code | raw descriptor]``, at each other scale photos -> raw
+    descriptor; see :meth:`fashionhash.pipeline.Run.encode_two_stage`."""
+    from fashionhash.models.backbones import build_backbone
+    from fashionhash.models.descriptor import DescriptorNet
+    from fashionhash.models.features import FeatureExtractor
+
+    m = run.cfg.model
+    backbone = build_backbone(m.backbone)
+    nets = [DescriptorNet(backbone, head=run.method)] + [DescriptorNet(backbone) for _ in scales[1:]]
+    return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval())
+            for size, net in zip(scales, nets)]
+
+
 def export_onnx(run: "Run", path: str | os.PathLike) -> Path:
     """Write the run's encoder as a standalone ONNX file (atomically) and return its path.
 

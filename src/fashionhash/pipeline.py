@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from fashionhash.config import Config, ModelConfig, load_config
-from fashionhash.data.cache import array_digest, cached_array
+from fashionhash.data.cache import array_digest, cache_has, cached_array
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES, Catalogue, open_catalogue
 from fashionhash.data.splits import Split, make_split
 from fashionhash.methods import METHODS, HashingMethod
 from fashionhash.models.backbones import BACKBONES, preprocessing_for
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fashionhash.descriptors import Whitening
     from fashionhash.models.features import FeatureExtractor
 
 
@@ -83,35 +84,133 @@ class Labels:
         return [int(col.max()) + 1 if col.size and col.max() >= 0 else 1 for col in self.attrs.T]
 
 
+def _sources(cat: Catalogue, positions: np.ndarray) -> list:
+    # cat.sources() builds a list of every item: once, not once per position
+    return list(cat.paths[positions]) if cat.paths is not None else [cat.pixels[i] for i in positions]
+
+
 def _extract(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *, augment_seed: int | None,
              strength: float, progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
     from fashionhash.models.features import extract_features
 
-    # cat.sources() builds a list of every item: once, not once per position
-    sources = list(cat.paths[positions]) if cat.paths is not None else [cat.pixels[i] for i in positions]
     return extract_features(
-        sources, mcfg.backbone, image_size=mcfg.image_size, engine=mcfg.engine,
+        _sources(cat, positions), mcfg.backbone, image_size=mcfg.image_size, engine=mcfg.engine,
         augment_seed=augment_seed, augment_strength=strength, progress=progress,
         num_workers=num_workers,
     )
 
 
-def item_features(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
-                  augment_seed: int | None = None, strength: float = 1.0,
-                  progress: Progress | None = None, num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Cached backbone features of catalogue items: ``(n, F)`` float32 and ``(n,)`` ok mask.
-
-    With ``augment_seed``, of an augmented copy of each item (deterministic per item)."""
-    positions = np.asarray(positions, dtype=np.int64)
+def _feature_key(cat: Catalogue, positions: np.ndarray, backbone: str, size: int,
+                 augment_seed: int | None, strength: float, output: str = "pooled") -> dict:
     key = {
         "catalogue": cat.fingerprint(), "positions": array_digest(positions),
-        "backbone": mcfg.backbone, "size": mcfg.image_size,
+        "backbone": backbone, "size": size,
         "augment_seed": augment_seed, "strength": strength if augment_seed is not None else None,
         "version": 1,
     }
+    if output != "pooled":  # pooled entries keep the key they always had
+        key["output"] = output
+    return key
+
+
+def _extract_descriptors(cat: Catalogue, positions: np.ndarray, backbone: str, size: int, *,
+                         pooled: bool, augment_seed: int | None, strength: float,
+                         progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One backbone pass: ``(pooled (N, F) or None, raw descriptors (N, D), ok (N,))``."""
+    from fashionhash.models.descriptor import DescriptorNet
+    from fashionhash.models.features import extract_features
+
+    net = DescriptorNet(BACKBONES.build(backbone), pooled=pooled).eval()
+    out, ok = extract_features(_sources(cat, positions), backbone, image_size=size, model=net,
+                               augment_seed=augment_seed, augment_strength=strength,
+                               progress=progress, num_workers=num_workers)
+    return (out[:, :net.lead_dim] if pooled else None), out[:, net.lead_dim:], ok
+
+
+def item_features(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
+                  augment_seed: int | None = None, strength: float = 1.0,
+                  progress: Progress | None = None, num_workers: int = 2,
+                  descriptors: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Cached backbone features of catalogue items: ``(n, F)`` float32 and ``(n,)`` ok mask.
+
+    With ``augment_seed``, of an augmented copy of each item (deterministic per item).
+    ``descriptors``: when the features must be computed, compute the items' raw descriptors
+    at this size in the same pass and cache them too (see :func:`item_descriptors`)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    key = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength)
+    if descriptors and not cache_has(key):
+        dkey = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength,
+                            "descriptor")
+        pooled, desc, ok = _extract_descriptors(
+            cat, positions, mcfg.backbone, mcfg.image_size, pooled=True, augment_seed=augment_seed,
+            strength=strength, progress=progress, num_workers=num_workers)
+        cached_array(dkey, lambda: (desc, ok))
+        return cached_array(key, lambda: (pooled, ok))
     return cached_array(key, lambda: _extract(cat, positions, mcfg, augment_seed=augment_seed,
                                               strength=strength, progress=progress,
                                               num_workers=num_workers))
+
+
+def descriptor_scales(cfg: Config) -> list[int]:
+    """Input sizes the descriptor averages over (the model's own size first)."""
+    sizes = [int(s) for s in cfg.descriptor.scales] or [cfg.model.image_size]
+    return sorted(set(sizes), key=lambda s: (s != cfg.model.image_size, s))
+
+
+def check_descriptor_config(cfg: Config) -> None:
+    """Refuse descriptor settings this run cannot use, before anything is computed."""
+    d = cfg.descriptor
+    if d.kind == "none":
+        return
+    if d.kind != "gem":
+        raise ValueError(f"descriptor.kind is none or gem, not {d.kind!r}")
+    if cfg.model.mode != "frozen" or not cfg.model.backbone.startswith("efficientnet"):
+        raise ValueError("descriptors need model.mode=frozen with an EfficientNet-Lite backbone")
+    if d.dim <= 0 or d.shortlist < 0 or any(int(s) < 32 for s in d.scales):
+        raise ValueError("descriptor.dim must be > 0, descriptor.shortlist >= 0 and every scale >= 32 px")
+
+
+def combine_scales(per_scale: Sequence[np.ndarray]) -> np.ndarray:
+    """Raw descriptors at several input sizes ``[(N, D), ...]`` -> ``(N, D)`` unit rows of
+    their sum: one descriptor that is less sensitive to the photo's scale."""
+    total = np.sum([np.asarray(d, np.float32) for d in per_scale], axis=0)
+    return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+
+def item_descriptors(cat: Catalogue, positions: np.ndarray, cfg: Config, *,
+                     augment_seed: int | None = None, strength: float = 1.0,
+                     progress: Progress | None = None, num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Cached raw (not yet whitened) descriptors of catalogue items over the configured
+    scales: ``(n, D)`` float32 unit rows and ``(n,)`` ok mask."""
+    positions = np.asarray(positions, dtype=np.int64)
+    m = cfg.model
+    per_scale, ok_all = [], np.ones(len(positions), bool)
+    for size in descriptor_scales(cfg):
+        if size == m.image_size:  # shares the pass with the pooled features when both are missing
+            item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
+                          progress=progress, num_workers=num_workers, descriptors=True)
+        key = _feature_key(cat, positions, m.backbone, size, augment_seed, strength, "descriptor")
+
+        def compute(size: int = size) -> tuple[np.ndarray, np.ndarray]:
+            _, desc, ok = _extract_descriptors(cat, positions, m.backbone, size, pooled=False,
+                                               augment_seed=augment_seed, strength=strength,
+                                               progress=progress, num_workers=num_workers)
+            return desc, ok
+        desc, ok = cached_array(key, compute)
+        per_scale.append(desc)
+        ok_all &= ok
+    return combine_scales(per_scale), ok_all
+
+
+DESCRIPTOR_FILES = ("descriptor.npz", "descriptor.json")
+
+
+def save_descriptor(run_dir: str | Path, whitening: "Whitening", **meta) -> None:
+    """Save a run's fitted descriptor whitening and its settings (shortlist, val scores)."""
+    run_dir = Path(run_dir)
+    whitening.save(run_dir / DESCRIPTOR_FILES[0])
+    meta = dict(meta, dim=whitening.dim, digest=whitening.digest())
+    (run_dir / DESCRIPTOR_FILES[1]).write_text(json.dumps(meta, indent=1))
 
 
 def image_array(source, spec, size: int, rng: np.random.Generator | None = None,
@@ -192,6 +291,48 @@ class Run:
             if engine not in self._encoders:
                 self._encoders[engine] = build_encoder(self, engine)
             return self._encoders[engine]
+
+    @functools.cached_property
+    def descriptor(self) -> "tuple[Whitening, dict] | None":
+        """The fitted descriptor (whitening, settings) when the run has one (evaluation fits
+        it on the catalogue), else None."""
+        from fashionhash.descriptors import Whitening
+
+        npz, meta = (self.path / f for f in DESCRIPTOR_FILES)
+        if self.cfg.descriptor.kind == "none" or not npz.is_file() or not meta.is_file():
+            return None
+        return Whitening.load(npz), json.loads(meta.read_text())
+
+    def descriptor_encoders(self, engine: str | None = None) -> "list[FeatureExtractor]":
+        """Extractors of the two-stage query encoding, built once: at the model's input size
+        photos -> ``[relaxed code (K) | raw descriptor (D)]`` in one pass, then at each other
+        descriptor scale photos -> raw descriptor."""
+        from fashionhash.encoding import build_descriptor_encoders
+
+        engine = engine or self.cfg.model.engine
+        with self._lock:
+            key = ("descriptor", engine)
+            if key not in self._encoders:
+                self._encoders[key] = build_descriptor_encoders(self, engine, descriptor_scales(self.cfg))
+            return self._encoders[key]
+
+    def encode_two_stage(self, sources: Sequence, *, num_workers: int = 0,
+                         engine: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Photos -> relaxed codes ``(N, K)``, whitened descriptors ``(N, d)`` float32 and ok
+        mask ``(N,)``. Raises ValueError when the run has no fitted descriptor."""
+        if self.descriptor is None:
+            raise ValueError(f"{self.path} has no fitted descriptor: set descriptor.kind and run "
+                             "`fashionhash evaluate` on it")
+        sources = list(sources)
+        first, *others = self.descriptor_encoders(engine)
+        out, ok = first(sources, num_workers=num_workers)
+        k = self.n_bits
+        per_scale = [out[:, k:]]
+        for fx in others:
+            desc, good = fx(sources, num_workers=num_workers)
+            per_scale.append(desc)
+            ok &= good
+        return out[:, :k], self.descriptor[0](combine_scales(per_scale)), ok
 
     def encode_sources(self, sources: Sequence, *, augment_seed: int | None = None,
                        strength: float = 1.0, progress: Progress | None = None,

@@ -31,6 +31,12 @@ def array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
+def cache_has(parts: dict, root: Path | None = None) -> bool:
+    """Whether an entry for ``parts`` exists (it may still turn out unreadable)."""
+    root = Path(root) if root is not None else cache_dir() / "features"
+    return (root / f"{cache_key(parts)}.npz").is_file()
+
+
 def cached_array(parts: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
                  root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(features (N, F) float32, ok (N,) bool)`` for ``parts``, computing them once."""

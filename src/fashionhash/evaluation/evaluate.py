@@ -17,7 +17,11 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
 from fashionhash.evaluation.metrics import evaluate_retrieval, plot_pr_curves, rerank_key, same_item_topk
-from fashionhash.pipeline import DAMAGED_SEED, item_features, load_run, open_data
+from fashionhash.evaluation.two_stage import (SHORTLISTS, choose_shortlist, descriptor_only_hits,
+                                              two_stage_hits)
+from fashionhash.descriptors import Whitening
+from fashionhash.pipeline import (DAMAGED_SEED, VAL_DAMAGED_SEED, item_descriptors, item_features,
+                                  load_run, open_data, save_descriptor)
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +29,14 @@ PhaseFactory = Callable[[str, int], Callable[[int], None] | None]
 
 
 def _encode_items(run, cat, positions, *, augment_seed=None, strength=1.0, phase=None, label=""):
-    """Relaxed codes ``(n, K)`` and ok mask of catalogue items (cached features when frozen)."""
+    """Relaxed codes ``(n, K)`` and ok mask of catalogue items (cached features when frozen;
+    with a descriptor configured, its raw descriptors are cached in the same pass)."""
     progress = phase(label, len(positions)) if phase else None
     m = run.cfg.model
     if m.mode == "frozen":
         feats, ok = item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
-                                  progress=progress, num_workers=run.cfg.train.num_workers)
+                                  progress=progress, num_workers=run.cfg.train.num_workers,
+                                  descriptors=run.cfg.descriptor.kind != "none")
         return run.codes_from_inputs(feats), ok
     sources = cat.sources()
     real, ok = [], []
@@ -55,6 +61,55 @@ def same_product_eval(q_real_damaged: np.ndarray, gallery_packed: np.ndarray, tr
     out.update({f"same_product_top{k}_rerank": v
                 for k, v in same_item_topk(rerank, true_index, ks).items()})
     return out
+
+
+def _descriptors(run, cat, positions, *, phase=None, label="", **kw) -> np.ndarray:
+    progress = phase(label, len(positions) * len(run.cfg.descriptor.scales or [0])) if phase else None
+    desc, _ = item_descriptors(cat, positions, run.cfg, progress=progress,
+                               num_workers=run.cfg.train.num_workers, **kw)
+    return desc
+
+
+def two_stage_eval(run, cat, split, pos_db: np.ndarray, db_packed: np.ndarray, *,
+                   phase: PhaseFactory | None = None) -> dict:
+    """Fit the descriptor's whitening on the database, choose the shortlist size on the
+    validation split's damaged copies, then score the test queries' damaged copies once.
+    Only frozen runs with ``descriptor.kind`` set; saves ``descriptor.npz``/``.json``."""
+    cfg = run.cfg
+    n_dam = cfg.data.n_damaged
+    raw_db = _descriptors(run, cat, pos_db, phase=phase, label="descriptors database")
+    whiten = Whitening.fit(raw_db, min(cfg.descriptor.dim, raw_db.shape[1], len(raw_db)))
+    db_q = whiten.quantized(raw_db)
+
+    def copies_of(positions, seed, tag):
+        """Codes, whitened descriptors and gallery rows of damaged copies of ``positions``."""
+        real, ok = _encode_items(run, cat, positions, phase=phase, label=f"encode {tag} originals")
+        dam_real, dam_ok = _encode_items(run, cat, positions[:n_dam], augment_seed=seed,
+                                         strength=cfg.data.augment_strength, phase=phase,
+                                         label=f"encode {tag} damaged copies")
+        orig_q = whiten.quantized(_descriptors(run, cat, positions))
+        dam_desc = whiten(_descriptors(run, cat, positions[:n_dam], augment_seed=seed,
+                                       strength=cfg.data.augment_strength))
+        keep = np.flatnonzero(dam_ok & ok[:n_dam])
+        gallery = (np.concatenate([db_packed, C.pack(real)]), np.concatenate([db_q, orig_q]),
+                   np.concatenate([cat.ids[pos_db], cat.ids[positions]]))
+        return C.pack(dam_real[keep]), dam_desc[keep], gallery, len(pos_db) + keep
+
+    fixed = cfg.descriptor.shortlist
+    val = copies_of(cat.positions(split.val), VAL_DAMAGED_SEED, "val")
+    val_hits = two_stage_hits(val[0], val[1], *val[2], val[3], [fixed] if fixed else SHORTLISTS)
+    r = fixed or choose_shortlist(val_hits)
+    test = copies_of(cat.positions(split.query), DAMAGED_SEED, "query")
+    hits = two_stage_hits(test[0], test[1], *test[2], test[3], [r])[r]
+    alone = descriptor_only_hits(test[1], test[2][1], test[3])
+    save_descriptor(run.path, whiten, shortlist=r, val_hits={str(k): v for k, v in val_hits.items()})
+    return {
+        "same_product_2stage_top1": hits[1], "same_product_2stage_top10": hits[10],
+        "same_product_descriptor_top1": alone[1], "same_product_descriptor_top10": alone[10],
+        "shortlist": int(r), "descriptor_dim": int(whiten.dim),
+        "bytes_per_item": int(C.n_bytes(run.n_bits) + whiten.dim),
+        "val_2stage": {str(k): v for k, v in val_hits.items()},
+    }
 
 
 def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
@@ -93,6 +148,9 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
         true_index = len(db_packed) + np.arange(n_dam)
         metrics.update(same_product_eval(dam_real[dam_ok], gallery, true_index[dam_ok], run.n_bits))
         metrics["n_damaged"] = int(dam_ok.sum())
+
+    if cfg.descriptor.kind != "none" and n_dam:
+        metrics.update(two_stage_eval(run, cat, split, pos_db, db_packed, phase=phase))
 
     metrics.update({
         "n_bits": run.n_bits, "n_query": int(len(pos_q)), "n_database": int(len(pos_db)),

@@ -28,7 +28,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fashionhash.descriptors import rerank
+
 from .base import INDEXES, BinaryIndex, _as_ids, check_filter_keys, open_index
+from .descriptor_store import DescriptorStore
 from .persist import IndexFormatError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,12 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 Filters = Mapping[str, "str | int | Sequence[str | int]"]
 
 
+def _lookup_dist(dist: np.ndarray, cand: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Hamming distance of each of ``ids`` in a shortlist ``(cand, dist)``."""
+    where = {int(c): j for j, c in enumerate(cand.tolist()) if c >= 0}
+    return np.asarray([dist[where[int(i)]] for i in ids], np.int32)
+
+
 class HashIndex:
     """A backend index combined with item metadata, filterable by catalogue attributes.
 
@@ -66,6 +75,8 @@ class HashIndex:
         backend: str | BinaryIndex = "mih",
         n_bits: int | None = None,
         path: str | os.PathLike | None = None,
+        *,
+        descriptor_dim: int | None = None,
         **backend_options: Any,
     ) -> None:
         if isinstance(backend, BinaryIndex):
@@ -91,8 +102,11 @@ class HashIndex:
                 options=json.dumps(self._index.options()),
                 generation="0",
                 codes_file="",
+                descriptor_dim=str(descriptor_dim or 0),
+                descriptors_file="",
             )
         self._known_keys: set[str] | None = None
+        self._desc = DescriptorStore(descriptor_dim) if descriptor_dim else None
 
     def _connect(self) -> sqlite3.Connection:
         target = ":memory:" if self._path is None else str(self._path / DB_NAME)
@@ -129,8 +143,20 @@ class HashIndex:
         n_meta = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         if not self._index.external and len(self._index) != n_meta:
             raise IndexFormatError(f"{path}: {len(self._index)} codes but {n_meta} metadata rows")
-        self._cleanup(keep=codes_file)
+        self._desc = self._open_descriptors(path, state, n_meta)
+        self._cleanup(keep=codes_file, keep_descriptors=state.get("descriptors_file", ""))
         return self
+
+    @staticmethod
+    def _open_descriptors(path: Path, state: dict, n_items: int) -> DescriptorStore | None:
+        dim, name = int(state.get("descriptor_dim") or 0), state.get("descriptors_file", "")
+        if not dim:
+            return None
+        store = DescriptorStore.load(path / name) if name else DescriptorStore(dim)
+        if store.dim != dim or len(store) != n_items:
+            raise IndexFormatError(f"{path}: {len(store)} descriptors of {store.dim} values for "
+                                   f"{n_items} items of {dim}")
+        return store
 
     # -- properties ------------------------------------------------------------------
 
@@ -146,6 +172,18 @@ class HashIndex:
     @property
     def path(self) -> Path | None:
         return self._path
+
+    @property
+    def descriptor_dim(self) -> int | None:
+        """Width of the stored int8 descriptors (two-stage search), None without them."""
+        return None if self._desc is None else self._desc.dim
+
+    def get_descriptors(self, ids) -> np.ndarray:
+        """Stored int8 descriptors ``(len(ids), d)`` of ``ids`` (KeyError for an unknown id)."""
+        if self._desc is None:
+            raise ValueError("this index stores no descriptors")
+        with self._lock:
+            return self._desc.get(ids)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -188,11 +226,18 @@ class HashIndex:
         path = meta.get("image_path")
         return (None if path is None else str(path)), attrs
 
-    def add(self, ids, codes, metadata: Sequence[Mapping[str, Any] | None] | None = None) -> None:
-        """Add items with optional metadata (one dict per item). Not durable until save()."""
+    def add(self, ids, codes, metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            descriptors=None) -> None:
+        """Add items with optional metadata (one dict per item) and, for an index with
+        descriptors, their int8 descriptors ``(n, d)`` (required there). Not durable until save()."""
         ids = _as_ids(ids)
         if metadata is not None and len(metadata) != ids.shape[0]:
             raise ValueError(f"got {len(metadata)} metadata entries for {ids.shape[0]} ids")
+        if (self._desc is None) != (descriptors is None):
+            raise ValueError("this index stores descriptors: pass them with the codes" if self._desc is not None
+                             else "this index stores no descriptors")
+        if self._desc is not None:
+            descriptors = self._desc.check_rows(descriptors, ids.shape[0])
         rows, attr_rows = [], []
         for j, item_id in enumerate(ids.tolist()):
             image_path, attrs = self._split_metadata(None if metadata is None else metadata[j])
@@ -214,6 +259,8 @@ class HashIndex:
             try:
                 self._db.executemany("INSERT INTO items (id, image_path, attributes) VALUES (?, ?, ?)", rows)
                 self._db.executemany("INSERT INTO attrs (key, value, id) VALUES (?, ?, ?)", attr_rows)
+                if self._desc is not None:
+                    self._desc.add(ids, descriptors)
             except BaseException:
                 self._db.execute("ROLLBACK TO add_items")
                 self._db.execute("RELEASE add_items")
@@ -229,6 +276,8 @@ class HashIndex:
         with self._lock:
             self._begin()
             removed = self._index.remove(ids)
+            if self._desc is not None:
+                self._desc.remove(ids)
             params = [(int(i),) for i in ids]
             self._db.executemany("DELETE FROM items WHERE id = ?", params)
             self._db.executemany("DELETE FROM attrs WHERE id = ?", params)
@@ -243,23 +292,30 @@ class HashIndex:
             generation = int(self._state("generation") or 0) + 1
             codes_file = f"codes-{generation:08d}.fhi"
             self._index.save(self._path / codes_file)
+            desc_file = ""
+            if self._desc is not None:
+                desc_file = f"descriptors-{generation:08d}.fhd"
+                self._desc.save(self._path / desc_file)
             self._begin()
             self._set_state(
-                generation=str(generation), codes_file=codes_file, options=json.dumps(self._index.options())
+                generation=str(generation), codes_file=codes_file, options=json.dumps(self._index.options()),
+                descriptors_file=desc_file,
             )
             self._db.execute("COMMIT")
-            self._cleanup(keep=codes_file)
+            self._cleanup(keep=codes_file, keep_descriptors=desc_file)
             log.info("saved %d items to %s (%s)", len(self._index), self._path, codes_file)
 
-    def _cleanup(self, keep: str) -> None:
-        """Delete codes files other than the committed one (left by older saves or crashes)."""
+    def _cleanup(self, keep: str, keep_descriptors: str = "") -> None:
+        """Delete codes and descriptor files other than the committed ones (left by older
+        saves or crashes)."""
         if self._path is None:
             return
-        for f in self._path.glob("codes-*.fhi"):
-            if f.name != keep:
-                with contextlib.suppress(OSError):
-                    f.unlink()
-        for f in self._path.glob(".codes-*.tmp"):
+        for pattern, kept in (("codes-*.fhi", keep), ("descriptors-*.fhd", keep_descriptors)):
+            for f in self._path.glob(pattern):
+                if f.name != kept:
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+        for f in [*self._path.glob(".codes-*.tmp"), *self._path.glob(".descriptors-*.tmp")]:
             with contextlib.suppress(OSError):
                 f.unlink()
 
@@ -342,6 +398,32 @@ class HashIndex:
         with self._lock:
             allowed = None if not filters else self.filter_ids(filters)
             return self._index.search(codes, k, filter_ids=allowed)
+
+    def search_two_stage(self, codes, descriptors, k: int, shortlist: int,
+                         filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Two-stage k nearest: the ``shortlist`` nearest codes (among items matching
+        ``filters``), re-ranked by the cosine between each query's float descriptor
+        ``(Q, d)`` and the stored int8 descriptors. Returns (cosines ``(Q, k)`` float32,
+        Hamming distances ``(Q, k)`` int32, ids ``(Q, k)`` int64), padded with id -1."""
+        if self._desc is None:
+            raise ValueError("this index stores no descriptors: build it from a run with a descriptor")
+        descriptors = np.asarray(descriptors, np.float32)
+        if descriptors.ndim != 2 or descriptors.shape[1] != self._desc.dim:
+            raise ValueError(f"query descriptors must be (Q, {self._desc.dim}), got {descriptors.shape}")
+        k, shortlist = BinaryIndex.check_k(k), BinaryIndex.check_k(shortlist)
+        with self._lock:
+            dist, cand = self.search(codes, max(k, shortlist), filters)
+            if len(cand) != len(descriptors):
+                raise ValueError(f"{len(cand)} codes but {len(descriptors)} descriptors")
+            rows = self._desc.get(cand.reshape(-1)).reshape(*cand.shape, -1)
+        scores = np.zeros((len(cand), k), np.float32)
+        out_d = np.zeros((len(cand), k), np.int32)
+        out_i = np.full((len(cand), k), -1, np.int64)
+        for q in range(len(cand)):
+            sc, ids = rerank(descriptors[q], cand[q], rows[q], k)
+            scores[q, :len(ids)], out_i[q, :len(ids)] = sc, ids
+            out_d[q, :len(ids)] = _lookup_dist(dist[q], cand[q], ids)
+        return scores, out_d, out_i
 
     def radius_search(self, codes, radius: int, filters: Filters | None = None):
         """Items within ``radius`` (matching ``filters``) -> per query (distances, ids)."""

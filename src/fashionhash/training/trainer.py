@@ -36,7 +36,8 @@ from fashionhash.evaluation.metrics import (
     mean_average_precision, relevance_from_labels, same_item_topk, top1_expected,
 )
 from fashionhash.pipeline import (
-    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, image_array, item_features, open_data,
+    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, image_array, item_features,
+    open_data,
 )
 from fashionhash.models.backbones import preprocessing_for
 
@@ -182,6 +183,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     if cfg.train.select_metric not in selectable:
         raise ValueError(f"train.select_metric={cfg.train.select_metric!r}: this run's val split "
                          f"gives {sorted(selectable)}")
+    check_descriptor_config(cfg)
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -209,8 +211,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
         # the first process of each machine fills its feature cache, the others read it
         with distributed.main_first(info, local=True):
             for p in ("train", "val"):
+                # a configured descriptor is cached in the same backbone pass (evaluation
+                # and the index read it): one pass over the catalogue instead of two
                 feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
-                                                progress=cb.on_phase(f"features {p}", len(pos[p])))
+                                                progress=cb.on_phase(f"features {p}", len(pos[p])),
+                                                descriptors=cfg.descriptor.kind != "none")
             for v in range(n_views):
                 f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
                                      strength=dcfg.augment_strength, num_workers=tcfg.num_workers,

@@ -1,0 +1,151 @@
+"""Float descriptors for the second stage of search: a PCA-whitening fitted on the
+catalogue, int8 storage, and re-ranking a Hamming shortlist by cosine similarity.
+
+The binary code finds a shortlist fast; a compact descriptor that keeps more of what the
+backbone saw (local detail, colour) orders it. numpy in, numpy out, like :mod:`codes`:
+
+* raw descriptors ``(N, D)`` float32 come from the backbone (:mod:`models.descriptor`);
+* :class:`Whitening` maps them to ``(N, d)`` unit vectors (PCA-whitened, then L2);
+* :func:`quantize` stores a unit vector as ``d`` int8 values scaled so the largest
+  component is +-127 (cosine ranking needs only the direction, so the scale is not kept);
+* :func:`rerank` orders candidates by cosine between a float query and int8 rows, and
+  :func:`rerank_reference` is the slow, obvious version the tests compare it with.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Whitening", "l2_normalise", "quantize", "dequantize", "cosine_int8", "rerank",
+           "rerank_reference"]
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero): ``(N, D) -> (N, D)`` float32."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+@dataclass
+class Whitening:
+    """PCA-whitening ``(N, D) -> (N, dim)`` unit rows: centre, project on the top ``dim``
+    principal axes, divide each by its standard deviation, L2-normalise.
+
+    Whitening evens out the few directions that every catalogue photo shares (white
+    background, the type's silhouette) so that the rest (pattern, colour, detail) weighs
+    in the cosine. ``shrink`` adds a fraction of the largest variance to every variance
+    before dividing: the smallest components are mostly noise and would otherwise be
+    amplified most.
+    """
+
+    mean: np.ndarray  # (D,) float32
+    proj: np.ndarray  # (D, dim) float32, columns already divided by the std of each axis
+
+    @property
+    def dim(self) -> int:
+        return int(self.proj.shape[1])
+
+    @classmethod
+    def fit(cls, x: np.ndarray, dim: int, shrink: float = 0.0) -> "Whitening":
+        """Fit on catalogue descriptors ``x (N, D)``; ``dim <= min(N, D)``."""
+        x = np.asarray(x, dtype=np.float64)
+        n, d_in = x.shape
+        if not 0 < dim <= min(n, d_in):
+            raise ValueError(f"whitening to {dim} dimensions needs at least {dim} descriptors of "
+                             f">= {dim} values, got {n} x {d_in}")
+        mean = x.mean(axis=0)
+        # eigen-decomposition of the D x D covariance: cheaper than an SVD of N x D for N >> D
+        cov = np.cov(x - mean, rowvar=False, bias=True)
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1][:dim]
+        vals, vecs = np.maximum(vals[order], 0.0), vecs[:, order]
+        std = np.sqrt(vals + shrink * vals[0] + 1e-12)
+        return cls(mean.astype(np.float32), (vecs / std).astype(np.float32))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Raw descriptors ``(N, D)`` -> whitened unit rows ``(N, dim)`` float32."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"descriptors of width {self.mean.shape[0]} expected, got shape {x.shape}")
+        return l2_normalise((x - self.mean) @ self.proj)
+
+    def quantized(self, x: np.ndarray) -> np.ndarray:
+        """Raw descriptors ``(N, D)`` -> stored int8 rows ``(N, dim)``."""
+        return quantize(self(x))
+
+    def digest(self) -> str:
+        """Short hash of the parameters: an index records it to detect a refitted run."""
+        h = hashlib.sha256(self.mean.tobytes())
+        h.update(self.proj.tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, mean=self.mean, proj=self.proj)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Whitening":
+        with np.load(path) as z:
+            return cls(z["mean"].astype(np.float32), z["proj"].astype(np.float32))
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """Descriptors ``(N, d)`` float -> int8 ``(N, d)``, each row scaled so that its largest
+    absolute value is 127 (a per-row scale keeps the precision of every row)."""
+    x = np.asarray(x, dtype=np.float32)
+    peak = np.abs(x).max(axis=-1, keepdims=True)
+    return np.rint(x * (127.0 / np.maximum(peak, 1e-12))).astype(np.int8)
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    """int8 rows -> unit float32 rows (the direction they store)."""
+    return l2_normalise(np.asarray(q, dtype=np.float32))
+
+
+def cosine_int8(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine between one float query ``(d,)`` and int8 rows ``(R, d)`` -> ``(R,)`` float32."""
+    r = rows.astype(np.float32)
+    norms = np.maximum(np.linalg.norm(r, axis=1), 1e-12)
+    q = np.asarray(query, dtype=np.float32)
+    return (r @ q) / (norms * max(float(np.linalg.norm(q)), 1e-12))
+
+
+def rerank(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order one query's shortlist by descriptor cosine.
+
+    ``query (d,)`` float, ``candidates (R,)`` int64 ids (-1 = padding, dropped), ``rows
+    (R, d)`` int8 descriptors of those candidates (any value where the id is -1).
+    Returns ``(scores (k',) float32, ids (k',) int64)`` with ``k' = min(k, valid)``,
+    best first; equal scores keep the shortlist's (Hamming) order.
+    """
+    valid = np.flatnonzero(np.asarray(candidates) >= 0)
+    if valid.size == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    scores = cosine_int8(query, rows[valid])
+    # stable sort on -score: ties keep the Hamming order of the shortlist
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order], np.asarray(candidates)[valid[order]].astype(np.int64)
+
+
+def rerank_reference(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slow, obvious :func:`rerank`: a Python loop over candidates, then a sort by
+    (-cosine, shortlist position)."""
+    q = np.asarray(query, dtype=np.float64)
+    scored = []
+    for pos, (cid, row) in enumerate(zip(np.asarray(candidates).tolist(), rows)):
+        if cid < 0:
+            continue
+        r = row.astype(np.float64)
+        cos = float(q @ r / (np.linalg.norm(q) * np.linalg.norm(r) + 1e-300))
+        scored.append((-cos, pos, cid))
+    scored.sort()
+    top = scored[:k]
+    return (np.array([-s for s, _, _ in top], np.float32), np.array([c for _, _, c in top], np.int64))

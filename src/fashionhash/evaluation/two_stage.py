@@ -1,0 +1,81 @@
+"""Same-product evaluation of two-stage search: a Hamming shortlist re-ranked by descriptors.
+
+For each damaged query copy: the ``R`` gallery items nearest in Hamming distance (ties in id
+order, as the index returns them) are re-ranked by the cosine between the query's float
+descriptor and the items' int8 descriptors; the hit rate is how often the one true item
+ends in the top k. ``R`` is chosen on the validation split (:func:`choose_shortlist`), then
+the test queries are reported once at that ``R``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from fashionhash import codes as C
+from fashionhash.descriptors import dequantize
+from fashionhash.evaluation.metrics import same_item_topk
+
+#: shortlist sizes tried on the validation split
+SHORTLISTS = (100, 250, 500, 1000, 2000)
+
+
+def _shortlists(q_packed: np.ndarray, g_packed: np.ndarray, g_ids: np.ndarray, r: int) -> np.ndarray:
+    """Gallery positions ``(Q, r)`` of each query's ``r`` nearest codes, by (distance, id)."""
+    n = g_packed.shape[0]
+    r = min(r, n)
+    id_rank = np.empty(n, np.int64)
+    id_rank[np.argsort(g_ids, kind="stable")] = np.arange(n)
+    key = C.hamming(q_packed, g_packed).astype(np.int64) * n + id_rank
+    part = np.argpartition(key, r - 1, axis=1)[:, :r] if r < n else np.tile(np.arange(n), (len(key), 1))
+    order = np.argsort(np.take_along_axis(key, part, 1), axis=1)
+    return np.take_along_axis(part, order, 1)
+
+
+def two_stage_hits(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarray, g_desc: np.ndarray,
+                   g_ids: np.ndarray, true_index: np.ndarray, shortlists: Sequence[int],
+                   ks: Sequence[int] = (1, 10), chunk: int = 32) -> dict[int, dict[int, float]]:
+    """Hit rates ``{R: {k: rate}}`` of the true item after re-ranking each query's Hamming
+    top-``R`` by descriptor cosine.
+
+    ``q_packed (Q, B)`` uint8 codes and ``q_desc (Q, d)`` float descriptors of the queries;
+    ``g_packed (N, B)``, ``g_desc (N, d)`` int8 and ``g_ids (N,)`` of the gallery;
+    ``true_index (Q,)``: gallery position of each query's item. Equal cosines keep the
+    Hamming order (the index's order).
+    """
+    shortlists = sorted({int(r) for r in shortlists})
+    r_max = min(shortlists[-1], len(g_packed))
+    g_unit = dequantize(g_desc)
+    q_desc = np.asarray(q_desc, np.float32)
+    true_index = np.asarray(true_index, np.int64)
+    hits = {r: {k: 0.0 for k in ks} for r in shortlists}
+    for s in range(0, len(q_packed), chunk):
+        cand = _shortlists(q_packed[s:s + chunk], g_packed, g_ids, r_max)
+        cos = np.einsum("qrd,qd->qr", g_unit[cand], q_desc[s:s + chunk])
+        for row, true in zip(range(len(cand)), true_index[s:s + chunk]):
+            where = np.flatnonzero(cand[row] == true)
+            if not where.size:
+                continue
+            p = int(where[0])
+            c = cos[row]
+            for r in shortlists:
+                if p >= r:
+                    continue
+                rank = int((c[:r] > c[p]).sum() + (c[:p] == c[p]).sum())
+                for k in ks:
+                    hits[r][k] += rank < k
+    n = max(len(q_packed), 1)
+    return {r: {k: v / n for k, v in per.items()} for r, per in hits.items()}
+
+
+def choose_shortlist(val_hits: dict[int, dict[int, float]]) -> int:
+    """The shortlist size with the best validation top-1 (then top-10, then the smaller)."""
+    return min(val_hits, key=lambda r: (-val_hits[r].get(1, 0.0), -val_hits[r].get(10, 0.0), r))
+
+
+def descriptor_only_hits(q_desc: np.ndarray, g_desc: np.ndarray, true_index: np.ndarray,
+                         ks: Sequence[int] = (1, 10)) -> dict[int, float]:
+    """Tie-aware hit rates of ranking the whole gallery by descriptor cosine alone (the
+    ceiling of the re-ranking stage, at one float dot product per item)."""
+    dist = -(np.asarray(q_desc, np.float32) @ dequantize(g_desc).T)
+    return same_item_topk(dist, true_index, ks)
