@@ -253,3 +253,26 @@ def test_page_urls_and_back_button(server, browser, tiny_index, tmp_path):  # no
         assert other.locator("#panel").is_hidden()
         other.wait_for_selector("#grid .card")
     assert not errors, errors
+
+
+def test_screenshot_script(tiny_run, tiny_index, tmp_path, capsys):  # noqa: F811
+    """benchmarks/screenshot_page.py, which takes the README's picture, on the tiny run."""
+    import importlib.util
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "screenshot_page.py"
+    spec = importlib.util.spec_from_file_location("screenshot_page", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    item = _photos(tiny_index, 5)[4]["id"]
+    out = tmp_path / "docs" / "page.png"
+    assert module.main([str(tiny_run), str(tiny_index), str(out), "--item", str(item),
+                        "--width", "1200", "--height", "700", "--chromium", CHROMIUM]) == 0
+    assert str(out) in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.size == (1200, 700)
+        # photos, not a blank or half-drawn page (the script waits for the neighbours itself)
+        assert len(img.convert("RGB").getcolors(1 << 20) or []) > 1000
+    with pytest.raises(SystemExit):  # a missing folder is a usage error, not a traceback
+        module.main([str(tmp_path / "nope"), str(tiny_index), str(out)])
