@@ -245,6 +245,21 @@ def test_page_urls_and_back_button(server, browser, tiny_index, tmp_path):  # no
     other.wait_for_selector(f"#grid .card.selected[data-id='{nb_id}']")
     other.screenshot(path=str(tmp_path / "shared-link.png"))
 
+    # a photo is not kept across a reload: its entry then shows the catalogue, never another photo
+    still = tmp_path / "still.png"
+    frames[1].save(still)
+    other.set_input_files("#file", str(gif))
+    other.wait_for_function("document.querySelector('#q-title').textContent === 'moving.gif'")
+    other.reload()
+    other.wait_for_selector("#grid .card")
+    assert other.locator("#panel").is_hidden() and _item_in_url(other) is None
+    other.set_input_files("#file", str(still))
+    other.wait_for_function("document.querySelector('#q-title').textContent === 'still.png'")
+    other.go_back()
+    other.wait_for_selector("#panel", state="hidden")
+    other.go_back()
+    _kind_is(other, f"Item {nb_id}")
+
     # a link to an item that is not there: a message, the catalogue, no panel
     for bad, message in (("999999", "no item with id 999999"), ("shoes", "not an item id")):
         other.goto(f"{server}/?item={bad}")

@@ -14,6 +14,8 @@ const state = { offset: 0, total: 0, nBits: 64, query: null, selected: null, seq
 const TITLE = document.title;
 const MAX_PHOTOS = 20; // photos kept for back/forward (File objects hold their bytes)
 const photos = new Map(); // history key -> File
+// keys are unique to this page load: after a reload, an old entry's key must not name a new photo
+const LOAD_ID = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
 let photoSeq = 0;
 
 const $ = (id) => document.getElementById(id);
@@ -264,7 +266,7 @@ function rerunQuery() {
 // ---------------------------------------------------------------- history
 
 function rememberPhoto(file) {
-  const key = ++photoSeq;
+  const key = `${LOAD_ID}-${++photoSeq}`;
   photos.set(key, file);
   for (const old of photos.keys()) {
     if (photos.size <= MAX_PHOTOS) break;
