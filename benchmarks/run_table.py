@@ -5,6 +5,7 @@ paper's ablations, SGML as a real-valued embedding, and the naive L1 match.
     python benchmarks/run_table.py                       # the full table (< 60 min on 2 cores)
     python benchmarks/run_table.py --quick               # smoke variant (CI), ~1-2 minutes
     python benchmarks/run_table.py --datasets kaggle --methods adversarial,dpsh --bits 64
+    python benchmarks/run_table.py --readme docs/results.md   # also into the results page
 
 Every run lives in ``<runs>/<dataset>/<label>_<bits>_s<seed>/`` (default ``runs/table``); a
 run that already has its ``metrics.json`` is not trained again, so an interrupted table
@@ -661,8 +662,9 @@ README_START, README_END = "<!-- table:start -->", "<!-- table:end -->"
 
 
 def update_readme(readme: Path, md: str, out: Path) -> None:
-    """Put the table into ``readme`` between the markers: headings one level down (the
-    README's section owns the title), figure links relative to the README."""
+    """Put the table into ``readme`` (a markdown page, e.g. docs/results.md) between the
+    markers: headings one level down (the page's section owns the title), figure links
+    relative to the page's folder, wherever it is."""
     text = readme.read_text()
     if text.count(README_START) != 1 or text.count(README_END) != 1:
         raise SystemExit(f"{readme} needs one {README_START} ... {README_END} block")

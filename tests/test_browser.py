@@ -4,7 +4,8 @@ The server is the real app under uvicorn on 127.0.0.1 (a free port), over the ti
 index of tests/test_serving.py. The test browses, clicks an item and checks that its
 neighbours appear with Hamming distances, searches with a photo (file picker and
 drag-and-drop), filters, checks the page stays on this host and fits a phone screen, and
-saves screenshots into its tmp folder.
+saves screenshots into its tmp folder. A second test walks the page's history: an opened
+item's URL (``?item=ID``), back and forward, a GIF photo search, and links opened directly.
 
 Needs ``pip install playwright`` (the Python package only: it never downloads a browser
 here) and ``apt-get install -y chromium``; skipped with the reason when either is missing.
@@ -169,3 +170,124 @@ def test_page_browse_neighbours_and_photo_search(server, browser, tiny_index, tm
     assert all("400" in e for e in errors), errors
     for name in ("1-catalogue", "2-neighbours", "3-photo-search", "4-page-2", "5-phone"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def _kind_is(page, text: str) -> None:
+    page.wait_for_function("(t) => !document.querySelector('#panel').hidden"
+                           " && document.querySelector('#q-kind').textContent === t", arg=text)
+
+
+def _item_in_url(page) -> str | None:
+    return page.evaluate("new URLSearchParams(location.search).get('item')")
+
+
+def test_page_urls_and_back_button(server, browser, tiny_index, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    page.wait_for_selector("#grid .card img")
+    assert _item_in_url(page) is None and page.locator("#panel").is_hidden()
+
+    # an opened item has its own URL, and the page title names it
+    card = page.locator("#grid .card").nth(2)
+    item_id, name = card.get_attribute("data-id"), card.get_attribute("title")
+    card.click()
+    _kind_is(page, f"Item {item_id}")
+    assert _item_in_url(page) == item_id and page.title().startswith(name)
+    card.click()  # the open item again: no second history entry
+    nb_id = page.locator("#results .card").first.get_attribute("data-id")
+    page.locator("#results .card").first.click()
+    _kind_is(page, f"Item {nb_id}")
+    assert _item_in_url(page) == nb_id
+
+    # back and forward walk through the opened items, then the bare catalogue
+    page.go_back()
+    _kind_is(page, f"Item {item_id}")
+    assert _item_in_url(page) == item_id
+    page.go_back()
+    page.wait_for_selector("#panel", state="hidden")
+    assert _item_in_url(page) is None and page.url.rstrip("/") == server
+    page.go_forward()
+    _kind_is(page, f"Item {item_id}")
+
+    # a photo search (an animated GIF) gets a history entry on the URL without ?item
+    frames = [Image.open(m["image_path"]).convert("RGB").resize((60, 80)) for m in _photos(tiny_index, 2)]
+    gif = tmp_path / "moving.gif"
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    page.set_input_files("#file", str(gif))
+    page.wait_for_function("document.querySelector('#q-title').textContent === 'moving.gif'")
+    page.wait_for_selector("#results .card .dist")
+    assert page.text_content("#q-kind") == "Your photo" and _item_in_url(page) is None
+    page.go_back()
+    _kind_is(page, f"Item {item_id}")
+    page.go_forward()
+    page.wait_for_function("document.querySelector('#q-title').textContent === 'moving.gif'")
+    assert _item_in_url(page) is None
+
+    # closing the panel is a step back can undo
+    page.go_back()
+    _kind_is(page, f"Item {item_id}")
+    page.click("#close")
+    assert page.locator("#panel").is_hidden() and _item_in_url(page) is None
+    page.go_back()
+    _kind_is(page, f"Item {item_id}")
+
+    # the URL alone opens the item: a shared link or a bookmark, in a new tab
+    other = browser.new_page(viewport={"width": 1360, "height": 900})
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(f"{server}/?item={nb_id}")
+    _kind_is(other, f"Item {nb_id}")
+    other.wait_for_selector("#results .card .dist")
+    other.wait_for_selector(f"#grid .card.selected[data-id='{nb_id}']")
+    other.screenshot(path=str(tmp_path / "shared-link.png"))
+
+    # a photo is not kept across a reload: its entry then shows the catalogue, never another photo
+    still = tmp_path / "still.png"
+    frames[1].save(still)
+    other.set_input_files("#file", str(gif))
+    other.wait_for_function("document.querySelector('#q-title').textContent === 'moving.gif'")
+    other.reload()
+    other.wait_for_selector("#grid .card")
+    assert other.locator("#panel").is_hidden() and _item_in_url(other) is None
+    other.set_input_files("#file", str(still))
+    other.wait_for_function("document.querySelector('#q-title').textContent === 'still.png'")
+    other.go_back()
+    other.wait_for_selector("#panel", state="hidden")
+    other.go_back()
+    _kind_is(other, f"Item {nb_id}")
+
+    # a link to an item that is not there: a message, the catalogue, no panel
+    for bad, message in (("999999", "no item with id 999999"), ("shoes", "not an item id")):
+        other.goto(f"{server}/?item={bad}")
+        other.wait_for_selector("#toast:not([hidden])")
+        assert message in other.inner_text("#toast")
+        assert other.locator("#panel").is_hidden()
+        other.wait_for_selector("#grid .card")
+    assert not errors, errors
+
+
+def test_screenshot_script(tiny_run, tiny_index, tmp_path, capsys):  # noqa: F811
+    """benchmarks/screenshot_page.py, which takes the README's picture, on the tiny run."""
+    import importlib.util
+
+    from PIL import Image
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "screenshot_page.py"
+    spec = importlib.util.spec_from_file_location("screenshot_page", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    item = _photos(tiny_index, 5)[4]["id"]
+    out = tmp_path / "docs" / "page.png"
+    assert module.main([str(tiny_run), str(tiny_index), str(out), "--item", str(item),
+                        "--width", "1200", "--height", "700", "--chromium", CHROMIUM]) == 0
+    assert str(out) in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.size == (1200, 700)
+        # photos, not a blank or half-drawn page (the script waits for the neighbours itself)
+        assert len(img.convert("RGB").getcolors(1 << 20) or []) > 1000
+    with pytest.raises(SystemExit):  # a missing folder is a usage error, not a traceback
+        module.main([str(tmp_path / "nope"), str(tiny_index), str(out)])

@@ -1,4 +1,4 @@
-"""The README's architecture figure is drawn from the code: it must keep rendering."""
+"""The architecture figure of docs/method.md is drawn from the code: it must keep rendering."""
 from fashionhash.models.diagram import draw_architecture
 
 

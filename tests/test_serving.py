@@ -110,6 +110,15 @@ def _png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def _gif_claiming(width: int, height: int) -> bytes:
+    """A one-pixel GIF whose screen descriptor claims ``width x height`` pixels."""
+    buf = io.BytesIO()
+    Image.new("P", (1, 1)).save(buf, format="GIF")
+    data = bytearray(buf.getvalue())
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
 def _convert(path: str, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.open(path).convert("RGB").save(buf, format=fmt)
@@ -289,12 +298,55 @@ def test_search_by_photo(client, index_copy):
     assert r.status_code == 200 and all(h["attributes"]["articleType"] == "Watches" for h in r.json()["results"])
 
 
+def _gif(frames: list[Image.Image]) -> bytes:
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_animated_gif_is_searched_by_its_first_frame(client, index_copy):
+    metas = _photos(index_copy, 40)
+    # two frames from photos of different types, so the two frames give different codes;
+    # palette images, so the GIF stores their pixels exactly and a PNG can hold the same
+    first = Image.open(metas[0]["image_path"]).convert("RGB")
+    other = next(m for m in metas if m["articleType"] != metas[0]["articleType"])
+    second = Image.open(other["image_path"]).convert("RGB").resize(first.size)
+    frames = [f.quantize(256) for f in (first, second)]
+    gif = _gif(frames)
+    with Image.open(io.BytesIO(gif)) as check:
+        assert check.n_frames == 2 and check.is_animated
+
+    def search(name: str, data: bytes, ctype: str) -> dict:
+        r = client.post("/search", files={"image": (name, data, ctype)}, data={"k": "8"})
+        assert r.status_code == 200, (name, r.text)
+        return r.json()
+
+    by_gif = search("q.gif", gif, "image/gif")
+    by_first = search("first.png", _png(frames[0]), "image/png")
+    by_second = search("second.png", _png(frames[1]), "image/png")
+    assert by_first["query"]["code"] != by_second["query"]["code"]  # the test can tell the frames apart
+    assert by_gif["query"]["code"] == by_first["query"]["code"]
+    assert by_gif["results"] == by_first["results"]
+    # a still GIF is a one-frame GIF: searched as well
+    assert search("still.gif", _gif(frames[:1]), "image/gif")["query"]["code"] == by_first["query"]["code"]
+    # searched with, never added: the catalogue serves JPEG/PNG/WebP only
+    r = client.post("/items", files={"image": ("a.gif", gif, "image/gif")}, headers=_auth())
+    assert r.status_code == 415 and "GIF" in r.json()["error"]
+
+
 def test_bad_uploads_get_4xx_and_the_server_keeps_serving(client, index_copy):
     jpeg = Path(_photos(index_copy, 1)[0]["image_path"]).read_bytes()
     big = jpeg + b"\0" * (UPLOAD_LIMIT + 1 - len(jpeg))  # a JPEG just over the limit
     cases = [
         ("not an image", ("a.jpg", b"this is not an image at all", "image/jpeg"), {}, 415),
-        ("gif", ("a.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "image/gif"), {}, 415),
+        ("broken GIF", ("a.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "image/gif"), {}, 400),
+        ("GIF bomb", ("a.gif", _gif_claiming(20000, 20000), "image/gif"), {}, 400),
         ("truncated JPEG", ("a.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"), {}, 400),
         ("empty", ("a.jpg", b"", "image/jpeg"), {}, 400),
         ("bomb", ("a.png", _png_claiming(20000, 20000), "image/png"), {}, 400),
@@ -309,7 +361,9 @@ def test_bad_uploads_get_4xx_and_the_server_keeps_serving(client, index_copy):
         assert r.status_code == status, (what, r.status_code, r.text)
         assert isinstance(r.json().get("error"), str), what
         assert client.get("/health").status_code == 200, what
-    assert "too large" in client.post("/search", files={"image": cases[4][1]}).json()["error"]
+    for what in ("bomb", "GIF bomb"):
+        upload = next(c[1] for c in cases if c[0] == what)
+        assert "too large" in client.post("/search", files={"image": upload}).json()["error"], what
     # no photo field, or not multipart at all
     assert client.post("/search", data={"k": "5"}).status_code == 400
     assert client.post("/search", content=b"{}", headers={"content-type": "application/json"}).status_code == 400

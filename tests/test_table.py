@@ -78,3 +78,16 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
     # ... and a table only rebuilt adds nothing to the measured time
     assert {ds: (runs / ds / "timings.json").read_text() for ds in timings} == timings
     assert "trained in" not in capsys.readouterr().out
+
+
+def test_table_goes_into_a_page_in_another_folder(run_table, tmp_path):
+    """--readme docs/results.md: headings one level down, figure links from docs/."""
+    page, out = tmp_path / "docs" / "results.md", tmp_path / "benchmarks" / "results"
+    page.parent.mkdir()
+    page.write_text("# R\n\n## Peers\n\n<!-- table:start -->\nold\n<!-- table:end -->\n\nreading\n")
+    md = "# Results table\n\n`cmd`\n\n## Product photos\n\n| a |\n|---|\n\n![pr](pr_kaggle.png)\n"
+    run_table.update_readme(page, md, out)
+    text = page.read_text()
+    assert "old" not in text and "\n### Product photos\n" in text and "# Results table" not in text
+    assert "![pr](../benchmarks/results/pr_kaggle.png)" in text
+    assert text.startswith("# R\n\n## Peers\n\n<!-- table:start -->\n`cmd`") and text.endswith("-->\n\nreading\n")

@@ -7,7 +7,7 @@ Endpoints (errors are JSON ``{"error": message}`` with a 4xx status; the server 
 
 =========================  ======================================================
 ``GET /``                  the web page (static files under ``/static``)
-``POST /search``           multipart: ``image`` (JPEG/PNG/WebP), ``k``, attribute filters
+``POST /search``           multipart: ``image`` (JPEG/PNG/WebP; GIF: first frame), ``k``, filters
 ``GET /items``             ``offset``, ``limit``, filters: a page of the catalogue
 ``GET /items/{id}``        one item
 ``GET /items/{id}/similar``  ``k``, filters: nearest items to the item's stored code

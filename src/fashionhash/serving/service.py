@@ -47,6 +47,8 @@ _ATTR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _MAX_ATTR_VALUE = 500
 _MAX_ATTRS = 32
 _MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+#: GIF signatures: a GIF (animated or not) is searched by its first frame but never stored
+_GIF_MAGIC = (b"GIF87a", b"GIF89a")
 
 Filters = Mapping[str, "str | Sequence[str]"]
 
@@ -181,14 +183,23 @@ class SearchService:
             raise BadRequest(f"unknown filter keys {unknown}; known: {sorted(self.index.known_keys())}")
         return out
 
-    def _check_upload(self, data: bytes) -> str:
+    def _check_upload(self, data: bytes, *, gif: bool = False) -> str:
+        """The upload's file suffix; TooLarge/BadRequest/UnsupportedMedia otherwise.
+
+        ``gif``: accept a GIF too (searches only: Pillow decodes just its first frame, so an
+        animated GIF is searched by that frame; added items stay JPEG/PNG/WebP, the formats
+        the catalogue and its image endpoint serve)."""
         if len(data) > self.config.max_upload_bytes:
             raise TooLarge(f"upload of {len(data):,} bytes is over the limit of {self.config.max_upload_bytes:,} bytes")
         if not data:
             raise BadRequest("empty upload (0 bytes)")
         suffix = image_suffix(data)
+        if suffix is None and gif and data.startswith(_GIF_MAGIC):
+            return ".gif"
         if suffix is None:
-            raise UnsupportedMedia("not a JPEG, PNG or WebP image")
+            kinds = "JPEG, PNG, WebP or GIF" if gif else "JPEG, PNG or WebP"
+            hint = " (a GIF can be searched with, not added)" if data.startswith(_GIF_MAGIC) else ""
+            raise UnsupportedMedia(f"not a {kinds} image{hint}")
         return suffix
 
     def _encode(self, data: bytes) -> np.ndarray:
@@ -359,11 +370,11 @@ class SearchService:
                 "search_ms": round(search_ms, 3), "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     def search_image(self, data: bytes, k: int = 10, filters: Filters | None = None) -> dict[str, Any]:
-        """The k items nearest to a photo (JPEG/PNG/WebP bytes)."""
+        """The k items nearest to a photo (JPEG/PNG/WebP bytes, or a GIF: its first frame)."""
         t0 = time.perf_counter()
         k = self.check_k(k)
         flt = self.check_filters(filters)
-        self._check_upload(data)
+        self._check_upload(data, gif=True)
         code = self._encode(data)
         encode_ms = (time.perf_counter() - t0) * 1000
         results, search_ms = self._search(code, k, flt)

@@ -1,11 +1,22 @@
 // fashionhash web page: browse the catalogue, filter it, click an item to see its nearest
 // neighbours in Hamming space, or drop a photo to search with. Plain DOM, no framework;
 // every catalogue string goes through textContent (never innerHTML).
+//
+// History: an opened item has its own URL (?item=ID: shared, bookmarked, reached with the
+// back button). A photo cannot go in a URL, so a photo search gets a history entry on the
+// page's URL without ?item, whose state names the photo kept in memory: back and forward
+// return to it during this visit; after a reload that entry shows the catalogue alone.
 "use strict";
 
 const PAGE = 48;
 const LABELS = { gender: "Gender", masterCategory: "Category", articleType: "Type", baseColour: "Colour" };
-const state = { offset: 0, total: 0, nBits: 64, query: null, selected: null };
+const state = { offset: 0, total: 0, nBits: 64, query: null, selected: null, seq: 0 };
+const TITLE = document.title;
+const MAX_PHOTOS = 20; // photos kept for back/forward (File objects hold their bytes)
+const photos = new Map(); // history key -> File
+// keys are unique to this page load: after a reload, an old entry's key must not name a new photo
+const LOAD_ID = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+let photoSeq = 0;
 
 const $ = (id) => document.getElementById(id);
 const fmt = new Intl.NumberFormat("en");
@@ -146,12 +157,20 @@ function openPanel() {
   $("layout").classList.add("has-panel");
 }
 
-function closePanel() {
+function hidePanel() {
   $("panel").hidden = true;
   $("layout").classList.remove("has-panel");
   state.query = null;
   state.selected = null;
+  state.seq += 1; // a search still under way must not reopen the panel
+  document.title = TITLE;
   markSelected();
+}
+
+function closePanel() {
+  if ($("panel").hidden) return;
+  hidePanel();
+  pushView({});
 }
 
 function showResults(res, { kind, title, meta, image }) {
@@ -178,52 +197,119 @@ function showResults(res, { kind, title, meta, image }) {
   if (window.matchMedia("(max-width: 900px)").matches) $("panel").scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
-async function showSimilar(item) {
-  state.query = { type: "item", item };
-  state.selected = item.id;
+// a click on a card: the item becomes the query, with its own history entry
+function showSimilar(item) {
+  openItem(item.id, { push: true });
+}
+
+// Only the latest search may fill the panel and the URL (an earlier one can answer later).
+async function openItem(id, { push = false } = {}) {
+  const seq = ++state.seq;
+  state.query = { type: "item", id };
+  state.selected = id;
   markSelected();
   const params = filterParams();
   params.set("k", k());
   $("results").setAttribute("aria-busy", "true");
   try {
-    const res = await api(`/items/${item.id}/similar?${params}`);
+    const res = await api(`/items/${encodeURIComponent(id)}/similar?${params}`);
+    if (seq !== state.seq) return;
     const q = res.query;
+    if (push && !isCurrentItem(q.id)) pushView({ item: q.id });
+    document.title = `${q.name} · ${TITLE}`;
     showResults(res, { kind: `Item ${q.id}`, title: q.name, meta: subtitle(q), image: q.image_url });
   } catch (e) {
+    if (seq !== state.seq) return;
+    if (!push) hidePanel(); // reached by URL or history: show no other item's neighbours under it
     toast(`Search failed: ${e.message}`);
   }
 }
 
-async function searchPhoto(file) {
+async function searchPhoto(file, { push = true, key = null } = {}) {
   if (!file) return;
-  if (!/^image\/(jpeg|png|webp)$/.test(file.type)) {
-    toast("Please choose a JPEG, PNG or WebP photo.");
+  if (!/^image\/(jpeg|png|webp|gif)$/.test(file.type)) {
+    toast("Please choose a JPEG, PNG, WebP or GIF photo.");
     return;
   }
-  if (state.queryUrl) URL.revokeObjectURL(state.queryUrl);
-  state.queryUrl = URL.createObjectURL(file);
-  state.query = { type: "photo", file };
-  state.selected = null;
-  markSelected();
+  const seq = ++state.seq;
   const form = new FormData();
   form.append("image", file);
   form.append("k", k());
-  for (const [key, value] of filterParams()) form.append(key, value);
+  for (const [name, value] of filterParams()) form.append(name, value);
   $("drop").classList.add("over");
   try {
     const res = await api("/search", { method: "POST", body: form });
+    if (seq !== state.seq) return;
+    if (push) key = rememberPhoto(file);
+    if (state.queryUrl) URL.revokeObjectURL(state.queryUrl);
+    state.queryUrl = URL.createObjectURL(file);
+    state.query = { type: "photo", file, key };
+    state.selected = null;
+    markSelected();
+    if (push) pushView({ photo: key });
+    document.title = `${file.name} · ${TITLE}`;
     showResults(res, { kind: "Your photo", title: file.name, meta: `${fmt.format(Math.round(file.size / 1024))} KB · code ${res.query.code}`, image: state.queryUrl });
   } catch (e) {
-    toast(`Search failed: ${e.message}`);
+    if (seq === state.seq) toast(`Search failed: ${e.message}`);
   } finally {
     $("drop").classList.remove("over");
   }
 }
 
+// filters or k changed: the same query again, in the same history entry
 function rerunQuery() {
   if (!state.query) return;
-  if (state.query.type === "item") showSimilar(state.query.item);
-  else searchPhoto(state.query.file);
+  if (state.query.type === "item") openItem(state.query.id);
+  else searchPhoto(state.query.file, { push: false, key: state.query.key });
+}
+
+// ---------------------------------------------------------------- history
+
+function rememberPhoto(file) {
+  const key = `${LOAD_ID}-${++photoSeq}`;
+  photos.set(key, file);
+  for (const old of photos.keys()) {
+    if (photos.size <= MAX_PHOTOS) break;
+    photos.delete(old);
+  }
+  return key;
+}
+
+// the page's URL with ?item set to itemId (or removed), other parameters kept
+function urlFor(itemId) {
+  const url = new URL(window.location.href);
+  if (itemId === undefined || itemId === null) url.searchParams.delete("item");
+  else url.searchParams.set("item", String(itemId));
+  return `${url.pathname}${url.search}${url.hash}`;
+}
+
+function pushView(view) {
+  window.history.pushState(view, "", urlFor(view.item));
+}
+
+function itemInUrl() {
+  return new URLSearchParams(window.location.search).get("item");
+}
+
+function isCurrentItem(id) {
+  return itemInUrl() === String(id);
+}
+
+// show what the current URL and history entry say: an item, a remembered photo, or neither
+function applyLocation(view) {
+  const item = itemInUrl();
+  if (item !== null) {
+    if (/^\d+$/.test(item)) {
+      openItem(Number(item));
+    } else {
+      hidePanel();
+      toast(`No such item: "${item}" is not an item id.`);
+    }
+  } else if (view && view.photo && photos.has(view.photo)) {
+    searchPhoto(photos.get(view.photo), { push: false, key: view.photo });
+  } else {
+    hidePanel();
+  }
 }
 
 // ---------------------------------------------------------------- wiring
@@ -268,6 +354,7 @@ function init() {
   $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); loadPage(); window.scrollTo({ top: 0 }); });
   $("next").addEventListener("click", () => { state.offset += PAGE; loadPage(); window.scrollTo({ top: 0 }); });
   $("close").addEventListener("click", closePanel);
+  window.addEventListener("popstate", (e) => applyLocation(e.state));
   $("k").addEventListener("change", rerunQuery);
   $("clear").addEventListener("click", () => {
     for (const sel of document.querySelectorAll("#facet-selects select")) sel.value = "";
@@ -278,6 +365,7 @@ function init() {
   loadStats();
   loadFacets().catch((e) => toast(`Could not load filters: ${e.message}`));
   loadPage();
+  applyLocation(window.history.state);
 }
 
 document.addEventListener("DOMContentLoaded", init);
