@@ -192,6 +192,9 @@ def test_the_kaggle_catalogue_keeps_the_protocols_sizes(data_root):
 
 def test_catalogue_kind(manifest, tiny_kaggle):
     assert catalogue_kind(manifest) == "manifest" and catalogue_kind(tiny_kaggle) == "kaggle"
+    # `train data.dataset=manifest` with the Kaggle label column says which setting names it
+    with pytest.raises(ValueError, match="'articleType' column .*data.label_key"):
+        open_catalogue("manifest", str(manifest))
 
 
 def test_a_missing_npm_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):

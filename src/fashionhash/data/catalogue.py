@@ -297,9 +297,9 @@ def read_manifest(
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
-        for need, setting in ((path_col, "its photos"), (label_col, "data.label_key")):
+        for need, why in ((path_col, "the photos"), (label_col, "the labels; data.label_key names it")):
             if need not in cols:
-                raise ValueError(f"{path}: manifest needs a {need!r} column ({setting}), has {cols}")
+                raise ValueError(f"{path}: manifest needs a {need!r} column ({why}), has {cols}")
         extra = [c for c in cols if c not in (path_col, id_col)]
         attrs = {c: [] for c in extra}
         for n, rec in enumerate(reader):
