@@ -219,7 +219,8 @@ def test_items_paging_and_filters(client):
     r2 = client.get("/items", params={"offset": 150, "limit": 50}).json()
     assert len(r2["items"]) == 10 and not set(ids) & {it["id"] for it in r2["items"]}
     item = r["items"][0]
-    assert set(item) == {"id", "name", "summary", "attributes", "image_url"} and item["image_url"] == f"/images/{item['id']}"
+    assert set(item) == {"id", "name", "summary", "attributes", "image_url"}
+    assert item["image_url"] == f"/images/{item['id']}"
     a = item["attributes"]  # the Kaggle catalogue's summary, as the page showed it before
     assert item["summary"] == " · ".join(a[k] for k in ("articleType", "baseColour", "gender") if a.get(k))
     assert item["name"] == item["attributes"]["productDisplayName"]

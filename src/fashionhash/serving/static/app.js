@@ -63,7 +63,8 @@ async function loadFacets() {
       sel.append(el("option", { value, text: `${value} (${fmt.format(count)})` }));
     }
     sel.addEventListener("change", onFiltersChanged);
-    box.append(el("label", { class: "field", for: `f-${key}` }, [el("span", { text: LABELS[key] || key.charAt(0).toUpperCase() + key.slice(1) }), sel]));
+    const label = LABELS[key] || key.charAt(0).toUpperCase() + key.slice(1);  // a manifest's own columns
+    box.append(el("label", { class: "field", for: `f-${key}` }, [el("span", { text: label }), sel]));
   }
 }
 
