@@ -1,9 +1,12 @@
-# The README's commands. `make demo` trains, evaluates (and later indexes and serves) on the
-# real product photos; `make test` sets up and runs the test suite (what CI runs).
+# The README's commands. `make demo` trains, evaluates, indexes and serves a catalogue (the
+# real product photos, DATA=..., or Fashion-MNIST); `make test` sets up and runs the test suite (what CI runs).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data/fashion-product-images-small
+# DATA: a Kaggle-layout folder or a manifest CSV. Unset, the demo reads
+# ../shared/data/fashion-product-images-small when it exists and falls back to Fashion-MNIST
+# otherwise; a DATA that holds no catalogue is an error (never a silent fallback).
+DATA ?=
 RUN ?= runs/demo
 DEMO_ARGS ?=
 
@@ -18,7 +21,7 @@ $(BIN)/fashionhash: pyproject.toml
 setup: $(BIN)/fashionhash
 
 demo: setup
-	$(BIN)/fashionhash demo --data $(DATA) --run-dir $(RUN) $(DEMO_ARGS)
+	$(BIN)/fashionhash demo $(if $(DATA),--data '$(DATA)') --run-dir $(RUN) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/pytest -q

@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (Python package only)")
 
+from test_own_catalogue import FAST, manifest  # noqa: E402,F401
 from test_serving import _photos, tiny_index, tiny_run  # noqa: E402,F401  (shared, memoised fixtures)
 
 from fashionhash.serving import SearchService, ServiceConfig, create_app  # noqa: E402
@@ -39,10 +40,14 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def server(tiny_run, tiny_index):  # noqa: F811
+    yield from _serve(tiny_run, tiny_index)
+
+
+def _serve(run: Path, index: Path):
     """The app under uvicorn in a thread, on a socket bound before it starts (no port race)."""
     import uvicorn
 
-    service = SearchService.open(tiny_run, tiny_index, ServiceConfig())
+    service = SearchService.open(run, index, ServiceConfig())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -291,3 +296,24 @@ def test_screenshot_script(tiny_run, tiny_index, tmp_path, capsys):  # noqa: F81
         assert len(img.convert("RGB").getcolors(1 << 20) or []) > 1000
     with pytest.raises(SystemExit):  # a missing folder is a usage error, not a traceback
         module.main([str(tmp_path / "nope"), str(tiny_index), str(out)])
+
+
+def test_page_filters_by_a_manifests_columns(manifest, browser, tmp_path):  # noqa: F811
+    """A catalogue of one's own: its label and colour columns are the page's filters and
+    each card's description."""
+    from fashionhash.cli import main
+
+    run = tmp_path / "run"
+    assert main(["demo", "--data", str(manifest), "--run-dir", str(run), "--quiet", "--no-serve", *FAST]) == 0
+    for url in _serve(run, run / "index"):
+        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        page.wait_for_selector("#f-colour option[value=red]", state="attached")
+        labels = page.locator("#facet-selects label span").all_text_contents()
+        assert labels == ["Label", "Colour"]
+        page.select_option("#f-colour", "red")
+        page.select_option("#f-label", "shoe")
+        page.wait_for_function("document.querySelector('#count').textContent === '10 items'")
+        assert set(page.locator("#grid .card .sub").all_inner_texts()) == {"shoe · red"}
+        assert set(page.locator("#grid .card .title").all_inner_texts()) == {"shoe"}

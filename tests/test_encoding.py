@@ -189,6 +189,7 @@ def test_sharded_batch_encoding_merges_into_an_index(frozen_run, tiny_kaggle, tm
         index.close()
     info = IndexInfo.load(tmp_path / "index")
     assert info.count == len(index) and info.skipped == 2 and info.items == "manifest"
+    assert info.facet_keys == ["colour"] and info.label_key is None  # the page's filter
 
 
 def test_killed_encoding_resumes_exactly_once(frozen_run, data_root, tmp_path):

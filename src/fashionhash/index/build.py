@@ -65,6 +65,12 @@ class IndexInfo:
     #: largest catalogue id (indexed or not): added photos get ids above it, so they never
     #: take the id of a catalogue item that was skipped or removed
     max_catalogue_id: int = -1
+    #: how the page and ``search`` show items (the catalogue's Display; None in indexes
+    #: built before it was recorded: the service then assumes the Kaggle columns)
+    label_key: str | None = None
+    facet_keys: list[str] | None = None
+    summary_keys: list[str] | None = None
+    name_key: str | None = None
     extra: dict = field(default_factory=dict)
 
     def image_roots(self, index_path: str | os.PathLike) -> list[Path]:
@@ -233,6 +239,8 @@ def build_index(
             checkpoint_epoch=int(run.meta.get("checkpoint_epoch", -1)),
             reused_codes=int(have.sum()), encoded=int(todo.size), skipped=n_bad,
             max_catalogue_id=int(cat.ids.max()) if len(cat) else -1,
+            label_key=cat.label_key, facet_keys=list(cat.display.facets),
+            summary_keys=list(cat.display.summary), name_key=cat.display.name_key,
         )
         info.save(tmp)
         replace_dir(tmp, index_path)

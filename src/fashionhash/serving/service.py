@@ -40,8 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: attributes the web page offers as filters (any stored attribute can be filtered on)
+#: for indexes that do not record their catalogue's display (built before it was): the
+#: Kaggle columns. The page offers the facets as filters (any stored attribute can be
+#: filtered on); the summary describes an item under its name.
 FACET_KEYS = ("gender", "masterCategory", "articleType", "baseColour")
+SUMMARY_KEYS = ("articleType", "baseColour", "gender")
 #: attribute names accepted for added items
 _ATTR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _MAX_ATTR_VALUE = 500
@@ -125,6 +128,10 @@ class SearchService:
         self._codes_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._facets: dict | None = None
         self._pixels = None  # array-backed catalogue (Fashion-MNIST), opened on first use
+        self.facet_keys = tuple(info.facet_keys) if info.facet_keys is not None else FACET_KEYS
+        self.summary_keys = tuple(info.summary_keys) if info.summary_keys is not None else SUMMARY_KEYS
+        # the columns that name an item, best first
+        self._name_keys = (info.name_key or "productDisplayName", info.label_key or "articleType")
         self._started = time.time()
 
     @classmethod
@@ -241,14 +248,16 @@ class SearchService:
 
     # ---------------------------------------------------------------- items
 
-    @staticmethod
-    def item_json(meta: Mapping[str, Any], distance: int | None = None) -> dict[str, Any]:
-        """An item as the API returns it: id, name, attributes, image URL (+ distance)."""
+    def item_json(self, meta: Mapping[str, Any], distance: int | None = None) -> dict[str, Any]:
+        """An item as the API returns it: id, name, summary (its catalogue's describing
+        attributes, e.g. "Jeans · Blue · Men"), attributes, image URL (+ distance)."""
         item_id = int(meta["id"])
         attrs = {k: v for k, v in meta.items() if k not in ("id", "image_path")}
+        name = next((str(attrs[k]) for k in self._name_keys if attrs.get(k)), f"item {item_id}")
         out: dict[str, Any] = {
             "id": item_id,
-            "name": attrs.get("productDisplayName") or attrs.get("articleType") or f"item {item_id}",
+            "name": name,
+            "summary": " · ".join(str(attrs[k]) for k in self.summary_keys if attrs.get(k)),
             "attributes": attrs,
             "image_url": f"/images/{item_id}",
         }
@@ -284,7 +293,7 @@ class SearchService:
             if self._facets is not None:
                 return self._facets
             gen = self._generation
-        keys = [k for k in FACET_KEYS if k in self.index.known_keys()]
+        keys = [k for k in self.facet_keys if k in self.index.known_keys()]
         counts: dict[str, dict[str, int]] = {k: {} for k in keys}
         ids = self.index.index.ids().tolist()
         for start in range(0, len(ids), 5000):
@@ -516,7 +525,8 @@ class SearchService:
             "index_path": str(self.index_path), "index_built": self.info.created,
             "index_run": self.info.run_dir, "run": run,
             "filter_keys": sorted(self.index.known_keys()),
-            "facet_keys": [k for k in FACET_KEYS if k in self.index.known_keys()],
+            "facet_keys": [k for k in self.facet_keys if k in self.index.known_keys()],
+            "summary_keys": list(self.summary_keys),
             "writes_enabled": bool(self.config.token), "max_k": self.config.max_k,
             "max_upload_bytes": self.config.max_upload_bytes,
             "uptime_s": round(time.time() - self._started, 1),

@@ -74,7 +74,8 @@ async function loadFacets() {
       sel.append(el("option", { value, text: `${value} (${fmt.format(count)})` }));
     }
     sel.addEventListener("change", onFiltersChanged);
-    box.append(el("label", { class: "field", for: `f-${key}` }, [el("span", { text: LABELS[key] || key }), sel]));
+    const label = LABELS[key] || key.charAt(0).toUpperCase() + key.slice(1);  // a manifest's own columns
+    box.append(el("label", { class: "field", for: `f-${key}` }, [el("span", { text: label }), sel]));
   }
 }
 
@@ -88,8 +89,8 @@ function onFiltersChanged() {
 // ---------------------------------------------------------------- cards
 
 function subtitle(item) {
-  const a = item.attributes || {};
-  return [a.articleType, a.baseColour, a.gender].filter(Boolean).join(" · ");
+  // the server joins the attributes that describe an item in this catalogue
+  return item.summary || "";
 }
 
 function card(item, onClick) {
