@@ -117,6 +117,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_fit_descriptor(args) -> int:
+    from fashionhash.config import load_config, save_config
+    from fashionhash.pipeline import check_descriptor_config
+    from fashionhash.training.descriptor import fit_descriptor
+
+    bad = [o for o in args.overrides if not o.startswith("descriptor.")]
+    if bad:
+        raise ValueError(f"fit-descriptor changes descriptor.* settings only, not {bad}")
+    cfg_path = Path(args.run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path, args.overrides)
+    check_descriptor_config(cfg)
+    if cfg.descriptor.kind == "none":
+        raise ValueError("the run has no descriptor: pass descriptor.kind=gem")
+    save_config(cfg, cfg_path)
+    meta = fit_descriptor(args.run_dir, phase=_Bars(args.quiet).phase)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from fashionhash.evaluation.evaluate import evaluate_run
 
@@ -325,7 +346,8 @@ def _cmd_index_add(args) -> int:
 def _cmd_search(args) -> int:
     from fashionhash.serving.service import SearchService, ServiceConfig, ServiceError
 
-    service = SearchService.open(args.run, args.index, ServiceConfig(max_k=max(args.k, 1)))
+    config = ServiceConfig(max_k=max(args.k, 1), two_stage=not args.codes_only, shortlist=args.shortlist)
+    service = SearchService.open(args.run, args.index, config)
     try:
         data = Path(args.image).read_bytes()
         try:
@@ -339,10 +361,12 @@ def _cmd_search(args) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{'rank':>4}  {'dist':>4}  {'id':>8}  " + "".join(f"{c:<16.16} " for c in columns) + "name")
+    print(f"ranked by {res['ranking']['by']}")
+    print(f"{'rank':>4}  {'dist':>4}  {'cos':>5}  {'id':>8}  " + "".join(f"{c:<16.16} " for c in columns) + "name")
     for rank, hit in enumerate(res["results"], 1):
         a = hit["attributes"]
-        print(f"{rank:>4}  {hit['distance']:>4}  {hit['id']:>8}  "
+        cos = f"{hit['score']:.2f}" if "score" in hit else "-"
+        print(f"{rank:>4}  {hit['distance']:>4}  {cos:>5}  {hit['id']:>8}  "
               + "".join(f"{a.get(c, '') or '-':<16.16} " for c in columns) + hit["name"])
     print(f"search took {res['took_ms']:.1f} ms (encode {res['encode_ms']:.1f} ms, "
           f"index {res['search_ms']:.2f} ms); code {res['query']['code']}")
@@ -438,6 +462,10 @@ def _add_serving_commands(sub) -> None:
     s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="attribute filter (repeatable)")
     s.add_argument("--run", type=Path, help="run directory (default: the run that built the index)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--codes-only", action="store_true",
+                   help="rank by Hamming distance alone, even where the index stores descriptors")
+    s.add_argument("--shortlist", type=int, default=0,
+                   help="Hamming candidates the descriptors re-rank (default: the size chosen on val)")
     s.set_defaults(func=_cmd_search)
 
     v = sub.add_parser("serve", help="serve the search API and web page")
@@ -562,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
+
+    f = sub.add_parser("fit-descriptor", help="(re)fit a trained run's two-stage descriptor, choices on val")
+    f.add_argument("run_dir", type=Path)
+    f.add_argument("--quiet", action="store_true")
+    f.add_argument("overrides", nargs="*", help="descriptor.* settings, e.g. descriptor.learn_epochs=30")
+    f.set_defaults(func=_cmd_fit_descriptor)
 
     _add_encoding_commands(sub)
 

@@ -74,6 +74,11 @@ class DescriptorConfig:
     scales: list[int] = field(default_factory=list)  # input sizes averaged; [] = model.image_size
     dim: int = 512  # whitened dimensions = int8 bytes stored per item
     shortlist: int = 0  # Hamming candidates re-ranked; 0 = chosen on the validation split
+    # a linear projection trained on augmented views (kept only if it beats the whitening on val)
+    learn_epochs: int = 0  # 0 = PCA-whitening only
+    learn_items: int = 10000  # training photos whose views it sees
+    learn_views: int = 2  # augmented views per photo (besides the photo itself)
+    learn_tau: float = 0.05
 
 
 @dataclass

@@ -17,11 +17,8 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
 from fashionhash.evaluation.metrics import evaluate_retrieval, plot_pr_curves, rerank_key, same_item_topk
-from fashionhash.evaluation.two_stage import (SHORTLISTS, choose_shortlist, descriptor_only_hits,
-                                              two_stage_hits)
-from fashionhash.descriptors import Whitening
-from fashionhash.pipeline import (DAMAGED_SEED, VAL_DAMAGED_SEED, item_descriptors, item_features,
-                                  load_run, open_data, save_descriptor)
+from fashionhash.evaluation.two_stage import descriptor_only_hits, two_stage_hits
+from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_features, load_run, open_data
 
 log = logging.getLogger(__name__)
 
@@ -70,45 +67,33 @@ def _descriptors(run, cat, positions, *, phase=None, label="", **kw) -> np.ndarr
     return desc
 
 
-def two_stage_eval(run, cat, split, pos_db: np.ndarray, db_packed: np.ndarray, *,
+def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: np.ndarray,
+                   q_packed: np.ndarray, dam_real: np.ndarray, dam_ok: np.ndarray, *,
                    phase: PhaseFactory | None = None) -> dict:
-    """Fit the descriptor's whitening on the database, choose the shortlist size on the
-    validation split's damaged copies, then score the test queries' damaged copies once.
-    Only frozen runs with ``descriptor.kind`` set; saves ``descriptor.npz``/``.json``."""
-    cfg = run.cfg
-    n_dam = cfg.data.n_damaged
-    raw_db = _descriptors(run, cat, pos_db, phase=phase, label="descriptors database")
-    whiten = Whitening.fit(raw_db, min(cfg.descriptor.dim, raw_db.shape[1], len(raw_db)))
-    db_q = whiten.quantized(raw_db)
-
-    def copies_of(positions, seed, tag):
-        """Codes, whitened descriptors and gallery rows of damaged copies of ``positions``."""
-        real, ok = _encode_items(run, cat, positions, phase=phase, label=f"encode {tag} originals")
-        dam_real, dam_ok = _encode_items(run, cat, positions[:n_dam], augment_seed=seed,
-                                         strength=cfg.data.augment_strength, phase=phase,
-                                         label=f"encode {tag} damaged copies")
-        orig_q = whiten.quantized(_descriptors(run, cat, positions))
-        dam_desc = whiten(_descriptors(run, cat, positions[:n_dam], augment_seed=seed,
-                                       strength=cfg.data.augment_strength))
-        keep = np.flatnonzero(dam_ok & ok[:n_dam])
-        gallery = (np.concatenate([db_packed, C.pack(real)]), np.concatenate([db_q, orig_q]),
-                   np.concatenate([cat.ids[pos_db], cat.ids[positions]]))
-        return C.pack(dam_real[keep]), dam_desc[keep], gallery, len(pos_db) + keep
-
-    fixed = cfg.descriptor.shortlist
-    val = copies_of(cat.positions(split.val), VAL_DAMAGED_SEED, "val")
-    val_hits = two_stage_hits(val[0], val[1], *val[2], val[3], [fixed] if fixed else SHORTLISTS)
-    r = fixed or choose_shortlist(val_hits)
-    test = copies_of(cat.positions(split.query), DAMAGED_SEED, "query")
-    hits = two_stage_hits(test[0], test[1], *test[2], test[3], [r])[r]
-    alone = descriptor_only_hits(test[1], test[2][1], test[3])
-    save_descriptor(run.path, whiten, shortlist=r, val_hits={str(k): v for k, v in val_hits.items()})
+    """Same-product scores of two-stage search for the damaged copies ``dam_real`` of the
+    first ``len(dam_ok)`` queries (those with ``dam_ok``) against the database plus the query
+    originals, at the shortlist size chosen on val when the descriptor was fitted."""
+    if run.descriptor is None:
+        raise ValueError(f"{run.path} has descriptor.kind={run.cfg.descriptor.kind!r} but no fitted "
+                         f"descriptor: run `fashionhash fit-descriptor {run.path}`")
+    mapping, meta = run.descriptor
+    r = int(meta["shortlist"])
+    g_desc = np.concatenate([mapping.quantized(_descriptors(run, cat, pos_db, phase=phase,
+                                                            label="descriptors database")),
+                             mapping.quantized(_descriptors(run, cat, pos_q))])
+    dam_desc = mapping(_descriptors(run, cat, pos_q[:len(dam_ok)], augment_seed=DAMAGED_SEED,
+                                    strength=run.cfg.data.augment_strength, phase=phase,
+                                    label="descriptors damaged copies"))[dam_ok]
+    g_packed = np.concatenate([db_packed, q_packed])
+    g_ids = np.concatenate([cat.ids[pos_db], cat.ids[pos_q]])
+    true = len(pos_db) + np.flatnonzero(dam_ok)
+    hits = two_stage_hits(C.pack(dam_real[dam_ok]), dam_desc, g_packed, g_desc, g_ids, true, [r])[r]
+    alone = descriptor_only_hits(dam_desc, g_desc, true)
     return {
         "same_product_2stage_top1": hits[1], "same_product_2stage_top10": hits[10],
         "same_product_descriptor_top1": alone[1], "same_product_descriptor_top10": alone[10],
-        "shortlist": int(r), "descriptor_dim": int(whiten.dim),
-        "bytes_per_item": int(C.n_bytes(run.n_bits) + whiten.dim),
-        "val_2stage": {str(k): v for k, v in val_hits.items()},
+        "shortlist": r, "descriptor_dim": int(mapping.dim), "descriptor_projection": meta.get("projection"),
+        "bytes_per_item": int(C.n_bytes(run.n_bits) + mapping.dim),
     }
 
 
@@ -150,7 +135,8 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
         metrics["n_damaged"] = int(dam_ok.sum())
 
     if cfg.descriptor.kind != "none" and n_dam:
-        metrics.update(two_stage_eval(run, cat, split, pos_db, db_packed, phase=phase))
+        metrics.update(two_stage_eval(run, cat, pos_db, db_packed, pos_q, q_packed, dam_real, dam_ok,
+                                      phase=phase))
 
     metrics.update({
         "n_bits": run.n_bits, "n_query": int(len(pos_q)), "n_database": int(len(pos_db)),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Uni
 import numpy as np
 
 from fashionhash import codes as C
+from fashionhash.descriptors import quantize
 
 from .catalogue import HashIndex
 from .persist import atomic_write
@@ -71,6 +72,9 @@ class IndexInfo:
     facet_keys: list[str] | None = None
     summary_keys: list[str] | None = None
     name_key: str | None = None
+    #: the run's descriptor when the index stores one (two-stage search): its width, the
+    #: digest of its whitening (a refitted run no longer matches) and the shortlist size
+    descriptor: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def image_roots(self, index_path: str | os.PathLike) -> list[Path]:
@@ -158,6 +162,40 @@ def _item_metadata(cat, i: int) -> dict[str, Any]:
     return meta
 
 
+def descriptor_info(run: "Run") -> dict | None:
+    """What an index records of the run's descriptor (None when the run has none)."""
+    if run.descriptor is None:
+        return None
+    whitening, meta = run.descriptor
+    return {"dim": whitening.dim, "digest": whitening.digest(), "shortlist": int(meta["shortlist"])}
+
+
+def _catalogue_descriptors(run: "Run", cat, split, positions: np.ndarray,
+                           progress: PhaseFactory | None) -> np.ndarray:
+    """int8 descriptors ``(n, d)`` of catalogue ``positions``: evaluation cached the raw
+    descriptors of the split's parts (read back per part, by the same keys); the rest (items
+    of classes outside the protocol) are computed here."""
+    from fashionhash.pipeline import item_descriptors
+
+    whitening = run.descriptor[0]
+    out = np.zeros((len(positions), whitening.dim), np.int8)
+    done = np.zeros(len(positions), bool)
+    for part in ("database", "val", "query"):
+        part_pos = cat.positions(getattr(split, part))
+        where = np.flatnonzero(np.isin(positions, part_pos) & ~done)
+        if where.size:
+            raw, _ = item_descriptors(cat, part_pos, run.cfg)
+            rows = np.searchsorted(part_pos, positions[where], sorter=np.argsort(part_pos))
+            out[where] = whitening.quantized(raw[np.argsort(part_pos)[rows]])
+            done[where] = True
+    rest = np.flatnonzero(~done)
+    if rest.size:
+        update = progress("descriptors of the other photos", int(rest.size)) if progress else None
+        raw, _ = item_descriptors(cat, positions[rest], run.cfg, progress=update)
+        out[rest] = whitening.quantized(raw)
+    return out
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished index directory into place; an old one is removed only afterwards."""
     old = None
@@ -223,12 +261,13 @@ def build_index(
 
     keep = np.flatnonzero(ok)
     metadata = [_item_metadata(cat, int(positions[j])) for j in keep]
+    desc = _catalogue_descriptors(run, cat, split, positions[keep], progress) if run.descriptor else None
     tmp = index_path.with_name(f".{index_path.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     index_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        index = HashIndex(backend, run.n_bits, tmp)
-        index.add(ids[keep], packed[keep], metadata)
+        index = HashIndex(backend, run.n_bits, tmp, descriptor_dim=None if desc is None else desc.shape[1])
+        index.add(ids[keep], packed[keep], metadata, descriptors=desc)
         index.save()
         index.close()
         info = IndexInfo(
@@ -241,6 +280,7 @@ def build_index(
             max_catalogue_id=int(cat.ids.max()) if len(cat) else -1,
             label_key=cat.label_key, facet_keys=list(cat.display.facets),
             summary_keys=list(cat.display.summary), name_key=cat.display.name_key,
+            descriptor=descriptor_info(run),
         )
         info.save(tmp)
         replace_dir(tmp, index_path)
@@ -289,20 +329,44 @@ def remove_photo(index_path: str | os.PathLike, image_path: str | None) -> None:
             path.unlink()
 
 
-def encode_photo(run: "Run", data: bytes) -> np.ndarray:
-    """One photo's bytes -> its packed code ``(1, B)``. Raises ``ImageError`` when the
-    bytes are not a readable image (empty, not an image, truncated, too many pixels)."""
+def _decode_upload(run: "Run", data: bytes):
     from fashionhash.data.transforms import load_image
 
     # decode once here so a bad photo raises ImageError with its reason; JPEG draft mode
     # decodes big photos straight to about the model's size (faster, less memory)
-    img = load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
-    real, ok = run.encode_sources([img], num_workers=0)
+    return load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
+
+
+def _encoded(ok: np.ndarray) -> None:
     if not ok[0]:  # cannot happen for a decoded image, but never index a zero code
         from fashionhash.data.transforms import ImageError
 
         raise ImageError("upload", "could not be encoded")
+
+
+def encode_photo(run: "Run", data: bytes) -> np.ndarray:
+    """One photo's bytes -> its packed code ``(1, B)``. Raises ``ImageError`` when the
+    bytes are not a readable image (empty, not an image, truncated, too many pixels)."""
+    real, ok = run.encode_sources([_decode_upload(run, data)], num_workers=0)
+    _encoded(ok)
     return C.pack(real)
+
+
+def encode_photo_two_stage(run: "Run", data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One photo's bytes -> packed code ``(1, B)`` and whitened descriptor ``(1, d)`` float32
+    (one backbone pass at the model's size, one more per other descriptor scale)."""
+    real, desc, ok = run.encode_two_stage([_decode_upload(run, data)])
+    _encoded(ok)
+    return C.pack(real), desc
+
+
+def encode_for_index(run: "Run", index: HashIndex, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``index.add`` needs for one photo: its packed code and, when the index stores
+    descriptors, its int8 descriptor ``(1, d)``."""
+    if index.descriptor_dim is None:
+        return encode_photo(run, data), None
+    packed, desc = encode_photo_two_stage(run, data)
+    return packed, quantize(desc)
 
 
 def add_images(
@@ -338,12 +402,14 @@ def add_images(
                              "not a JPEG, PNG or WebP photo")
         blobs.append(data)
     update = progress("encode photos", len(blobs)) if progress else None
-    packed = []
+    index = HashIndex.open(index_path)
+    packed, descs = [], []
     for data in blobs:
-        packed.append(encode_photo(run, data))
+        code, desc = encode_for_index(run, index, data)
+        packed.append(code)
+        descs.append(desc)
         if update:
             update(1)
-    index = HashIndex.open(index_path)
     written: list[Path] = []
     try:
         new_ids, metas = [], []
@@ -359,7 +425,8 @@ def add_images(
             written.append(path)
             new_ids.append(item_id)
             metas.append({**meta, "image_path": str(path)})
-        index.add(np.asarray(new_ids, np.int64), np.concatenate(packed), metas)
+        index.add(np.asarray(new_ids, np.int64), np.concatenate(packed), metas,
+                  descriptors=None if index.descriptor_dim is None else np.concatenate(descs))
         index.save()
     except BaseException:
         for p in written:

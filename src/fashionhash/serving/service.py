@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from fashionhash import codes as C
+from fashionhash.descriptors import dequantize, quantize, rerank
 from fashionhash.index import HashIndex
 from fashionhash.index.build import (
     IndexInfo,
     encode_photo,
+    encode_photo_two_stage,
     image_suffix,
     next_id,
     remove_photo,
@@ -94,9 +96,14 @@ class ServiceConfig:
         are refused). max_upload_bytes: largest accepted photo upload. max_k: largest k.
     max_page: largest page of ``list_items``. max_concurrent_encodes: photos decoded and
         encoded at once (each decode may hold up to ~120 MB for a 40 MP photo).
+    two_stage: re-rank the Hamming shortlist by the index's descriptors when it stores
+        them (False: codes alone, the paper's single stage). shortlist: its size (0: the one
+        chosen on the validation split, recorded in the index).
     """
 
     token: str | None = None
+    two_stage: bool = True
+    shortlist: int = 0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_k: int = 100
     max_page: int = 200
@@ -132,7 +139,23 @@ class SearchService:
         self.summary_keys = tuple(info.summary_keys) if info.summary_keys is not None else SUMMARY_KEYS
         # the columns that name an item, best first
         self._name_keys = (info.name_key or "productDisplayName", info.label_key or "articleType")
+        self.shortlist = self._two_stage_shortlist(run, index, info) if self.config.two_stage else None
+        if self.shortlist is not None and self.config.shortlist:
+            self.shortlist = int(self.config.shortlist)
         self._started = time.time()
+
+    @staticmethod
+    def _two_stage_shortlist(run: "Run | None", index: HashIndex, info: IndexInfo) -> int | None:
+        """The Hamming shortlist that stored descriptors re-rank, or None (one stage): the
+        index must store descriptors made with the run's current descriptor."""
+        rec = info.descriptor
+        if index.descriptor_dim is None or not rec:
+            return None
+        if run is not None and (run.descriptor is None or run.descriptor[0].digest() != rec.get("digest")):
+            log.warning("the index's descriptors were made with another fit of the run's descriptor: "
+                        "searching by codes alone (rebuild the index to re-rank)")
+            return None
+        return int(rec["shortlist"])
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike | None, index_path: str | os.PathLike,
@@ -158,7 +181,7 @@ class SearchService:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
         t0 = time.perf_counter()
-        encode_photo(self.run, buf.getvalue())
+        self._encode(buf.getvalue(), descriptor=self.shortlist is not None)
         log.info("model warmed up in %.1fs", time.perf_counter() - t0)
 
     def close(self) -> None:
@@ -209,14 +232,18 @@ class SearchService:
             raise UnsupportedMedia(f"not a {kinds} image{hint}")
         return suffix
 
-    def _encode(self, data: bytes) -> np.ndarray:
+    def _encode(self, data: bytes, *, descriptor: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Packed code ``(1, B)`` of an uploaded photo and, with ``descriptor`` (two-stage
+        search or an index that stores descriptors), its float descriptor ``(1, d)``."""
         from fashionhash.data.transforms import ImageError
 
         if self.run is None:
             raise Unavailable("this service has no model loaded: photo search is unavailable")
         with self._encode_slots:
             try:
-                return encode_photo(self.run, data)
+                if descriptor:
+                    return encode_photo_two_stage(self.run, data)
+                return encode_photo(self.run, data), None
             except ImageError as e:
                 raise BadRequest(f"unreadable image: {e.reason}") from None
 
@@ -248,7 +275,8 @@ class SearchService:
 
     # ---------------------------------------------------------------- items
 
-    def item_json(self, meta: Mapping[str, Any], distance: int | None = None) -> dict[str, Any]:
+    def item_json(self, meta: Mapping[str, Any], distance: int | None = None,
+                  score: float | None = None) -> dict[str, Any]:
         """An item as the API returns it: id, name, summary (its catalogue's describing
         attributes, e.g. "Jeans · Blue · Men"), attributes, image URL (+ distance)."""
         item_id = int(meta["id"])
@@ -263,6 +291,8 @@ class SearchService:
         }
         if distance is not None:
             out["distance"] = int(distance)
+        if score is not None:
+            out["score"] = round(float(score), 4)
         return out
 
     def _meta(self, item_id: int) -> dict[str, Any]:
@@ -356,13 +386,30 @@ class SearchService:
         return dist[order].astype(np.int32), ids[order]
 
     def _search(self, code: np.ndarray, k: int, filters: dict[str, list[str]],
-                exclude: int | None = None) -> tuple[list[dict[str, Any]], float]:
+                exclude: int | None = None, descriptor: np.ndarray | None = None
+                ) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+        """Results, search ms and how they were ranked: by Hamming distance alone, or (with a
+        ``descriptor`` and a two-stage index) the Hamming shortlist re-ranked by descriptor."""
         t0 = time.perf_counter()
-        dist, ids = self._nearest(code, k + (1 if exclude is not None else 0), filters)
-        pairs = [(int(d), int(i)) for d, i in zip(dist, ids, strict=True) if i >= 0 and i != exclude][:k]
+        extra = 1 if exclude is not None else 0
+        two_stage = descriptor is not None and self.shortlist is not None
+        dist, ids = self._nearest(code, max(k, self.shortlist) + extra if two_stage else k + extra, filters)
+        keep = ids >= 0 if exclude is None else (ids >= 0) & (ids != exclude)
+        dist, ids = dist[keep], ids[keep]
+        scores = None
+        if two_stage and ids.size:
+            scores, reranked = rerank(descriptor[0], ids, self.index.get_descriptors(ids), k)
+            where = {int(i): j for j, i in enumerate(ids.tolist())}
+            dist = np.asarray([dist[where[int(i)]] for i in reranked])
+            ids = reranked
+        ranking = ({"stage": "two-stage", "shortlist": int(self.shortlist),
+                    "by": f"Hamming top {self.shortlist}, re-ranked by descriptor cosine"} if two_stage
+                   else {"stage": "hamming", "by": "Hamming distance"})
+        pairs = list(zip(dist[:k].tolist(), ids[:k].tolist(), strict=True))
         metas = self.index.get_many([i for _, i in pairs])
-        results = [self.item_json(m, d) for (d, _), m in zip(pairs, metas, strict=True) if m is not None]
-        return results, (time.perf_counter() - t0) * 1000
+        results = [self.item_json(m, d, None if scores is None else scores[j])
+                   for j, ((d, _), m) in enumerate(zip(pairs, metas, strict=True)) if m is not None]
+        return results, (time.perf_counter() - t0) * 1000, ranking
 
     def similar(self, item_id: int, k: int = 10, filters: Filters | None = None) -> dict[str, Any]:
         """Query by example: the k items nearest to an item's stored code (itself excluded)."""
@@ -372,10 +419,11 @@ class SearchService:
         query = self.get_item(item_id)
         try:
             code = self.index.index.get_codes([int(item_id)])
+            desc = None if self.shortlist is None else dequantize(self.index.get_descriptors([int(item_id)]))
         except KeyError:  # removed between the two lookups
             raise NotFound(f"no item with id {item_id}") from None
-        results, search_ms = self._search(code, k, flt, exclude=int(item_id))
-        return {"query": query, "k": k, "filters": flt, "results": results,
+        results, search_ms, ranking = self._search(code, k, flt, exclude=int(item_id), descriptor=desc)
+        return {"query": query, "k": k, "filters": flt, "results": results, "ranking": ranking,
                 "search_ms": round(search_ms, 3), "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     def search_image(self, data: bytes, k: int = 10, filters: Filters | None = None) -> dict[str, Any]:
@@ -384,10 +432,11 @@ class SearchService:
         k = self.check_k(k)
         flt = self.check_filters(filters)
         self._check_upload(data, gif=True)
-        code = self._encode(data)
+        code, desc = self._encode(data, descriptor=self.shortlist is not None)
         encode_ms = (time.perf_counter() - t0) * 1000
-        results, search_ms = self._search(code, k, flt)
+        results, search_ms, ranking = self._search(code, k, flt, descriptor=desc)
         return {"query": {"code": code[0].tobytes().hex()}, "k": k, "filters": flt, "results": results,
+                "ranking": ranking,
                 "encode_ms": round(encode_ms, 3), "search_ms": round(search_ms, 3),
                 "took_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
@@ -472,7 +521,7 @@ class SearchService:
         An ``id`` attribute chooses the id (Conflict if taken), else the next free id."""
         suffix = self._check_upload(data)
         item_id, attrs = self._check_attributes(attributes or {})
-        code = self._encode(data)
+        code, desc = self._encode(data, descriptor=self.index.descriptor_dim is not None)
         with self._write_lock:
             if item_id is None:
                 item_id = next_id(self.index, self.info.max_catalogue_id + 1)
@@ -480,7 +529,8 @@ class SearchService:
                 raise Conflict(f"id {item_id} is already in the index")
             path = store_photo(self.index_path, item_id, data, suffix)
             try:
-                self.index.add([item_id], code, [{**attrs, "image_path": str(path)}])
+                self.index.add([item_id], code, [{**attrs, "image_path": str(path)}],
+                               descriptors=None if desc is None else quantize(desc))
                 self.index.save()
             except BaseException:
                 self.index.rollback()
@@ -527,6 +577,9 @@ class SearchService:
             "filter_keys": sorted(self.index.known_keys()),
             "facet_keys": [k for k in self.facet_keys if k in self.index.known_keys()],
             "summary_keys": list(self.summary_keys),
+            "ranking": ({"stage": "two-stage", "shortlist": self.shortlist,
+                         "descriptor_bytes": self.index.descriptor_dim} if self.shortlist is not None
+                        else {"stage": "hamming"}),
             "writes_enabled": bool(self.config.token), "max_k": self.config.max_k,
             "max_upload_bytes": self.config.max_upload_bytes,
             "uptime_s": round(time.time() - self._started, 1),

@@ -164,7 +164,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     """
     with distributed.session() as info:
         cb = (callbacks or Callbacks()) if info.is_main else Callbacks()
-        return _train(cfg, Path(run_dir), resume, cb, info)
+        out = _train(cfg, Path(run_dir), resume, cb, info)
+        if info.is_main and cfg.descriptor.kind != "none":
+            from fashionhash.training.descriptor import fit_descriptor
+
+            fit_descriptor(out, phase=cb.on_phase)
+        return out
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:

@@ -108,6 +108,10 @@ function card(item, onClick) {
     badge.style.setProperty("--hue", hue);
     node.append(badge);
   }
+  if (item.score !== undefined) {
+    // two-stage search: the shortlist came by Hamming distance, this order by the descriptor
+    node.append(el("span", { class: "score", title: "descriptor cosine (second stage: re-ranks the Hamming shortlist)", text: `cos ${item.score.toFixed(2)}` }));
+  }
   node.addEventListener("click", () => onClick(item));
   return node;
 }
@@ -188,6 +192,12 @@ function showResults(res, { kind, title, meta, image }) {
     parts.push(` (encode ${res.encode_ms.toFixed(1)} ms + index ${res.search_ms.toFixed(2)} ms)`);
   } else {
     parts.push(` (index ${res.search_ms.toFixed(2)} ms)`);
+  }
+  if (res.ranking) {
+    // which stage ranked what: the shortlist by Hamming distance, its order by descriptor
+    parts.push(el("br"), el("span", { class: "ranking", dataset: { stage: res.ranking.stage }, text: res.ranking.stage === "two-stage"
+      ? `Ranked in two stages: the ${res.ranking.shortlist} nearest codes (Hamming distance d), re-ordered by descriptor similarity (cos).`
+      : "Ranked by Hamming distance of the codes (d)." }));
   }
   time.append(...parts);
   time.dataset.testid = "search-time";

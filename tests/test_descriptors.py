@@ -1,0 +1,180 @@
+"""Second stage of search: whitening, int8 storage and re-ranking against slow references,
+the descriptor store and two-stage search in the index, the descriptor network."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fashionhash import codes as C
+from fashionhash.descriptors import (Whitening, dequantize, l2_normalise, quantize, rerank,
+                                     rerank_reference)
+from fashionhash.evaluation.two_stage import choose_shortlist, descriptor_only_hits, two_stage_hits
+from fashionhash.index import HashIndex, IndexFormatError
+from fashionhash.index.descriptor_store import DescriptorStore
+
+from test_index import LOCAL_BACKENDS  # noqa: E402
+
+
+def _unit(rng, n, d):
+    return l2_normalise(rng.normal(size=(n, d)).astype(np.float32))
+
+
+def test_whitening_decorrelates_and_keeps_the_top_axes():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12))
+    x = rng.normal(size=(4000, 12)) * np.linspace(5, 0.1, 12) @ mix + 3.0
+    w = Whitening.fit(x, 6)
+    y = (x - w.mean) @ w.proj
+    assert np.allclose(np.cov(y, rowvar=False, bias=True), np.eye(6), atol=1e-3)
+    assert np.allclose(np.linalg.norm(w(x), axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="whitening to 13"):
+        Whitening.fit(x, 13)
+    with pytest.raises(ValueError, match="width 12"):
+        w(x[:, :5])
+
+
+def test_whitening_saves_and_loads(tmp_path):
+    w = Whitening.fit(np.random.default_rng(1).normal(size=(50, 8)), 4)
+    w.save(tmp_path / "w.npz")
+    back = Whitening.load(tmp_path / "w.npz")
+    assert back.digest() == w.digest() and np.array_equal(back.proj, w.proj)
+    assert Whitening.fit(np.random.default_rng(2).normal(size=(50, 8)), 4).digest() != w.digest()
+
+
+def test_int8_keeps_the_direction():
+    x = _unit(np.random.default_rng(0), 200, 512)
+    q = quantize(x)
+    assert q.dtype == np.int8 and np.abs(q).max(axis=1).min() == 127
+    assert (np.sum(dequantize(q) * x, axis=1) > 0.999).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rerank_matches_the_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    r, d = 40, 16
+    rows = quantize(_unit(rng, r, d))
+    rows[5] = rows[9]  # equal cosines: the shortlist order decides
+    cand = rng.permutation(1000)[:r].astype(np.int64)
+    cand[[3, 17]] = -1  # padding
+    query = rng.normal(size=d).astype(np.float32)
+    for k in (1, 7, r):
+        got, ref = rerank(query, cand, rows, k), rerank_reference(query, cand, rows, k)
+        assert np.array_equal(got[1], ref[1])
+        assert np.allclose(got[0], ref[0], atol=1e-5)
+    assert rerank(query, np.full(3, -1), rows[:3], 5)[1].size == 0
+
+
+def _two_stage_reference(q_packed, q_desc, g_packed, g_desc, g_ids, true, r, ks):
+    """Loops: Hamming top-r by (distance, id), then re-rank by cosine, find the true item."""
+    hits = {k: 0 for k in ks}
+    for q in range(len(q_packed)):
+        dist = C.hamming(q_packed[q:q + 1], g_packed)[0]
+        order = sorted(range(len(g_ids)), key=lambda j: (int(dist[j]), int(g_ids[j])))[:r]
+        _, ids = rerank_reference(q_desc[q], np.asarray(g_ids)[order], g_desc[order], len(order))
+        pos = [int(i) for i in ids].index(int(g_ids[true[q]])) if int(g_ids[true[q]]) in ids else None
+        for k in ks:
+            hits[k] += pos is not None and pos < k
+    return {k: v / len(q_packed) for k, v in hits.items()}
+
+
+def test_two_stage_hits_match_the_slow_reference():
+    rng = np.random.default_rng(3)
+    n, q, d, bits = 300, 25, 8, 16
+    g_packed = C.pack(rng.choice([-1.0, 1.0], size=(n, bits)))
+    g_packed[::3] = g_packed[0]  # many shared codes: ties at the shortlist's edge
+    g_desc = quantize(_unit(rng, n, d))
+    g_ids = rng.permutation(5000)[:n]
+    true = rng.choice(n, q, replace=False)
+    noisy = g_packed[true].copy()
+    noisy[:, 0] ^= 0b101
+    q_desc = l2_normalise(dequantize(g_desc[true]) + 0.4 * rng.normal(size=(q, d)))
+    got = two_stage_hits(noisy, q_desc, g_packed, g_desc, g_ids, true, [10, 50, 400], ks=(1, 5))
+    for r in (10, 50, 400):
+        assert got[r] == pytest.approx(_two_stage_reference(noisy, q_desc, g_packed, g_desc, g_ids, true, r, (1, 5)))
+    # a shortlist of the whole gallery re-ranked is ranking by the descriptor alone
+    assert got[400][1] == pytest.approx(descriptor_only_hits(q_desc, g_desc, true, (1,))[1], abs=1e-9)
+    assert choose_shortlist({10: {1: 0.5, 10: 0.6}, 50: {1: 0.5, 10: 0.7}, 400: {1: 0.4, 10: 0.9}}) == 50
+
+
+def test_descriptor_store_add_get_remove_persist(tmp_path):
+    rng = np.random.default_rng(0)
+    store = DescriptorStore(8)
+    rows = quantize(_unit(rng, 6, 8))
+    store.add([30, 10, 20, 60, 50, 40], rows)
+    assert np.array_equal(store.get([10, 60, -1]), np.stack([rows[1], rows[3], np.zeros(8, np.int8)]))
+    with pytest.raises(KeyError, match="77"):
+        store.get([77])
+    with pytest.raises(ValueError, match="new and distinct"):
+        store.add([10], rows[:1])
+    with pytest.raises(ValueError, match="int8"):
+        store.add([99], rows[:1].astype(np.int16))
+    assert store.remove([20, 999]) == 1 and len(store) == 5
+    store.save(tmp_path / "d.fhd")
+    back = DescriptorStore.load(tmp_path / "d.fhd")
+    assert np.array_equal(back.get([30, 50]), store.get([30, 50])) and not back.contains([20])[0]
+    raw = bytearray((tmp_path / "d.fhd").read_bytes())
+    raw[-3] ^= 1
+    (tmp_path / "bad.fhd").write_bytes(bytes(raw))
+    with pytest.raises(IndexFormatError, match="checksum"):
+        DescriptorStore.load(tmp_path / "bad.fhd")
+
+
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+def test_index_two_stage_search_matches_the_reference(backend, tmp_path):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(7)
+    n, bits, d = 400, 32, 12
+    ids = rng.permutation(10_000)[:n].astype(np.int64)
+    codes = C.pack(rng.choice([-1.0, 1.0], size=(n, bits)))
+    codes[1::4] = codes[0]
+    desc = quantize(_unit(rng, n, d))
+    meta = [{"colour": "red" if i % 2 else "blue"} for i in range(n)]
+    index = HashIndex(backend, bits, tmp_path / "idx", descriptor_dim=d)
+    with pytest.raises(ValueError, match="pass them"):
+        index.add(ids[:1], codes[:1], meta[:1])
+    index.add(ids, codes, meta, descriptors=desc)
+    index.remove(ids[:10])
+    index.save()
+    index.close()
+    index = HashIndex.open(tmp_path / "idx")
+    assert index.descriptor_dim == d and len(index) == n - 10
+    q_codes, q_desc = codes[[20, 21, 0]], rng.normal(size=(3, d)).astype(np.float32)
+    for filters in (None, {"colour": "red"}):
+        scores, dist, got = index.search_two_stage(q_codes, q_desc, 5, 60, filters)
+        hd, cand = index.search(q_codes, 60, filters)
+        for q in range(3):
+            rows = np.stack([desc[np.flatnonzero(ids == c)[0]] for c in cand[q] if c >= 0])
+            ref = rerank_reference(q_desc[q], cand[q][cand[q] >= 0], rows, 5)
+            assert np.array_equal(got[q], ref[1]) and np.allclose(scores[q], ref[0], atol=1e-5)
+            assert [int(hd[q][list(cand[q]).index(i)]) for i in got[q]] == dist[q].tolist()
+            if filters:
+                assert all(index.get(int(i))["colour"] == "red" for i in got[q])
+    with pytest.raises(ValueError, match=r"\(Q, 12\)"):
+        index.search_two_stage(q_codes, q_desc[:, :4], 5, 60)
+    index.close()
+    plain = HashIndex(backend, bits)
+    plain.add(ids[:3], codes[:3])
+    with pytest.raises(ValueError, match="no descriptors"):
+        plain.search_two_stage(q_codes, q_desc, 5, 60)
+
+
+def test_descriptor_net_pooled_part_is_the_backbone_features():
+    from fashionhash.models.backbones import build_backbone
+    from fashionhash.models.descriptor import DescriptorNet, descriptor_dim
+
+    backbone = build_backbone("efficientnet_lite0", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        both = DescriptorNet(backbone, pooled=True).eval().embed(x)
+        alone = DescriptorNet(backbone).eval().embed(x)
+        feats = backbone.embed(x)
+    assert both.shape == (2, 1280 + descriptor_dim(backbone)) and descriptor_dim(backbone) == 1280 + 320
+    assert torch.allclose(both[:, :1280], feats, atol=1e-5)
+    assert torch.allclose(both[:, 1280:], alone, atol=1e-5)
+    # two L2-normalised parts: GeM of the head map, GeM of the last block
+    assert torch.allclose(alone[:, :1280].norm(dim=1), torch.ones(2), atol=1e-4)
+    assert torch.allclose(alone[:, 1280:].norm(dim=1), torch.ones(2), atol=1e-4)
+    with pytest.raises(ValueError, match="EfficientNet-Lite"):
+        DescriptorNet(build_backbone("small_cnn"))

@@ -1,0 +1,144 @@
+"""Two-stage search end to end on the tiny real catalogue: a run trained with a descriptor
+(fitted and chosen on val), evaluated, indexed, searched through the CLI and the service."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fashionhash.cli import main  # noqa: E402
+from fashionhash.index import HashIndex  # noqa: E402
+from fashionhash.index.build import IndexInfo, build_index  # noqa: E402
+from fashionhash.serving import SearchService, ServiceConfig  # noqa: E402
+
+from test_serving import TINY_RUN_ARGS  # noqa: E402
+
+DESCRIPTOR_ARGS = ["descriptor.kind=gem", "descriptor.scales=[64,48]", "descriptor.dim=32",
+                   "descriptor.learn_epochs=2", "descriptor.learn_items=60", "descriptor.learn_views=1"]
+TOKEN = "t0ken"
+
+
+@pytest.fixture(scope="module")
+def ts_run(tiny_kaggle, tmp_path_factory, request) -> Path:
+    run = tmp_path_factory.mktemp("two_stage") / "run"
+    config = request.config.rootpath / "configs" / "demo.yaml"
+    assert main(["train", "--config", str(config), "--run-dir", str(run), "--evaluate", "--quiet",
+                 f"data.root={tiny_kaggle}", *TINY_RUN_ARGS, *DESCRIPTOR_ARGS]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def ts_index(ts_run) -> Path:
+    path = ts_run.parent / "index"
+    build_index(ts_run, path).close()
+    return path
+
+
+@pytest.fixture
+def ts_service(ts_run, ts_index, tmp_path):
+    path = tmp_path / "index"
+    shutil.copytree(ts_index, path)
+    svc = SearchService.open(ts_run, path, ServiceConfig(token=TOKEN))
+    yield svc
+    svc.close()
+
+
+def test_descriptor_is_fitted_on_val_and_reported(ts_run):
+    meta = json.loads((ts_run / "descriptor.json").read_text())
+    assert meta["projection"] in ("whitening", "learned") and set(meta["val"]) == {"whitening", "learned"}
+    assert meta["shortlist"] in (100, 250, 500, 1000, 2000) and meta["dim"] == 32
+    metrics = json.loads((ts_run / "metrics.json").read_text())
+    for key in ("same_product_2stage_top1", "same_product_2stage_top10", "same_product_descriptor_top1"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["same_product_2stage_top1"] <= metrics["same_product_2stage_top10"]
+    assert metrics["bytes_per_item"] == 32 // 8 + 32 and metrics["shortlist"] == meta["shortlist"]
+    # the class-level metrics are those of the codes alone: the descriptor does not touch them
+    assert 0 <= metrics["map"] <= 1
+
+
+def test_index_stores_descriptors_of_the_run(ts_run, ts_index):
+    info = IndexInfo.load(ts_index)
+    with HashIndex.open(ts_index) as index:
+        assert index.descriptor_dim == 32 == info.descriptor["dim"]
+        ids = index.index.ids()
+        assert index.get_descriptors(ids).shape == (len(ids), 32)
+    assert list(ts_index.glob("descriptors-*.fhd"))
+
+
+def _item_photo(service: SearchService) -> tuple[int, bytes]:
+    item_id = int(service.index.index.ids()[5])
+    return item_id, Path(service.index.get(item_id)["image_path"]).read_bytes()
+
+
+def test_photo_search_is_two_stage_and_finds_the_photo_first(ts_service):
+    item_id, data = _item_photo(ts_service)
+    res = ts_service.search_image(data, k=5)
+    assert res["ranking"]["stage"] == "two-stage" and res["ranking"]["shortlist"] == ts_service.shortlist
+    top = res["results"][0]
+    assert top["id"] == item_id and top["score"] > 0.99
+    scores = [r["score"] for r in res["results"]]
+    assert scores == sorted(scores, reverse=True)
+    similar = ts_service.similar(item_id, k=5)
+    assert similar["ranking"]["stage"] == "two-stage" and item_id not in [r["id"] for r in similar["results"]]
+    assert ts_service.stats()["ranking"]["stage"] == "two-stage"
+
+
+def test_codes_only_is_one_flag_away(ts_run, ts_index):
+    svc = SearchService.open(ts_run, ts_index, ServiceConfig(two_stage=False))
+    try:
+        _, data = _item_photo(svc)
+        res = svc.search_image(data, k=3)
+        assert res["ranking"]["stage"] == "hamming" and all("score" not in r for r in res["results"])
+    finally:
+        svc.close()
+
+
+def test_added_item_gets_a_descriptor_and_is_found(ts_service):
+    _, data = _item_photo(ts_service)
+    added = ts_service.add_item(data, {"articleType": "Tshirts", "id": 90000001})
+    assert added["id"] == 90000001
+    with HashIndex.open(ts_service.index_path) as reopened:
+        assert reopened.get_descriptors([90000001]).shape == (1, 32)
+    top = ts_service.search_image(data, k=3)["results"][:2]
+    assert 90000001 in [r["id"] for r in top]
+    ts_service.delete_item(90000001)
+    with HashIndex.open(ts_service.index_path) as reopened:
+        assert not reopened.index.contains([90000001])[0]
+        with pytest.raises(KeyError):
+            reopened.get_descriptors([90000001])
+
+
+def test_cli_search_says_how_it_ranked(ts_index, capsys):
+    with HashIndex.open(ts_index) as index:
+        photo = index.get(int(index.index.ids()[0]))["image_path"]
+    assert main(["search", str(ts_index), photo, "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "re-ranked by descriptor cosine" in out and "cos" in out
+    assert main(["search", str(ts_index), photo, "-k", "3", "--codes-only"]) == 0
+    assert "ranked by Hamming distance" in capsys.readouterr().out
+
+
+def test_refitted_descriptor_is_not_mixed_with_an_old_index(ts_run, ts_index, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ts_run, run)
+    assert main(["fit-descriptor", str(run), "model.n_bits=8"]) != 0
+    assert "descriptor.* settings only" in capsys.readouterr().err
+    assert main(["fit-descriptor", str(run), "descriptor.dim=16", "descriptor.learn_epochs=0", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["projection"] == "whitening"
+    svc = SearchService.open(run, ts_index)
+    try:  # the index's int8 rows were made with the old fit: codes alone, never a mix
+        assert svc.shortlist is None
+    finally:
+        svc.close()
+
+
+def test_descriptor_needs_a_frozen_efficientnet(synthetic_fmnist, tmp_path, capsys, request):
+    rc = main(["train", "--config", str(request.config.rootpath / "configs" / "fashion_mnist.yaml"),
+               "--run-dir", str(tmp_path / "r"), f"data.root={synthetic_fmnist}", "descriptor.kind=gem"])
+    assert rc != 0
+    assert "EfficientNet-Lite" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.yaml").exists()
