@@ -178,3 +178,26 @@ def test_descriptor_net_pooled_part_is_the_backbone_features():
     assert torch.allclose(alone[:, 1280:].norm(dim=1), torch.ones(2), atol=1e-4)
     with pytest.raises(ValueError, match="EfficientNet-Lite"):
         DescriptorNet(build_backbone("small_cnn"))
+
+
+def test_granularity_gains_hand_worked():
+    from fashionhash.evaluation.metrics import granularity_gains
+
+    q = {"type": ["shoe", "bag"], "colour": ["red", ""]}
+    g = {"type": ["shoe", "shoe", "bag", "bag"], "colour": ["red", "blue", "", "red"]}
+    gains = granularity_gains([1, 2], q, g, "type", ["colour"])
+    # query 0: item 1 is its product (3); item 0 same type + colour (2); bags 0
+    # query 1: item 2 is its product; item 3 same type, colour missing on the query: never matches
+    assert gains.tolist() == [[2, 3, 0, 0], [0, 0, 3, 1]]
+
+
+def test_ndcg_from_order_equals_ndcg_of_the_distance_ranking():
+    from fashionhash.evaluation.metrics import ndcg_at_k, ndcg_from_order
+
+    rng = np.random.default_rng(0)
+    dist = rng.integers(0, 6, size=(20, 50))
+    gains = rng.integers(0, 4, size=(20, 50)).astype(np.float32)
+    order = np.argsort(dist, axis=1, kind="stable")
+    assert ndcg_from_order(order, gains, 10) == pytest.approx(ndcg_at_k(dist, gains, 10))
+    worst = np.argsort(gains, axis=1, kind="stable")
+    assert ndcg_from_order(worst, gains, 10) < ndcg_from_order(np.argsort(-gains, axis=1), gains, 10) == 1.0

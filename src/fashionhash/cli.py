@@ -22,6 +22,8 @@ TABLE_KEYS = [
     ("same product top-1", "same_product_top1"), ("same product top-10", "same_product_top10"),
     ("same product top-1, re-ranked", "same_product_top1_rerank"),
     ("same product top-10, re-ranked", "same_product_top10_rerank"),
+    ("graded nDCG@10 (product > design > type), codes", "graded_ndcg@10"),
+    ("graded nDCG@10, two-stage", "graded_ndcg@10_2stage"),
     ("same product top-1, two-stage", "same_product_2stage_top1"),
     ("same product top-10, two-stage", "same_product_2stage_top10"),
     ("same product top-1, descriptor alone", "same_product_descriptor_top1"),

@@ -59,7 +59,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     # best checkpoint by this val score (never the test queries): map@1000 | top1, and in frozen
-    # mode with data.n_damaged > 0 also same_product_top1 | same_product_top10
+    # mode with data.n_damaged > 0 also same_product_top1 | same_product_top10 | graded_ndcg@10
     select_metric: str = "map@1000"
     num_workers: int = 2
     threads: int | None = None

@@ -16,8 +16,10 @@ import numpy as np
 
 from fashionhash import codes as C
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
-from fashionhash.evaluation.metrics import evaluate_retrieval, plot_pr_curves, rerank_key, same_item_topk
-from fashionhash.evaluation.two_stage import descriptor_only_hits, two_stage_hits
+from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_from_order, plot_pr_curves,
+                                            rerank_key, same_item_topk)
+from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, two_stage_hits,
+                                              two_stage_topk)
 from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_features, load_run, open_data
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def _descriptors(run, cat, positions, *, phase=None, label="", **kw) -> np.ndarr
 
 
 def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: np.ndarray,
-                   q_packed: np.ndarray, dam_real: np.ndarray, dam_ok: np.ndarray, *,
+                   q_packed: np.ndarray, dam_real: np.ndarray, dam_ok: np.ndarray, gains: np.ndarray, *,
                    phase: PhaseFactory | None = None) -> dict:
     """Same-product scores of two-stage search for the damaged copies ``dam_real`` of the
     first ``len(dam_ok)`` queries (those with ``dam_ok``) against the database plus the query
@@ -89,7 +91,9 @@ def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: n
     true = len(pos_db) + np.flatnonzero(dam_ok)
     hits = two_stage_hits(C.pack(dam_real[dam_ok]), dam_desc, g_packed, g_desc, g_ids, true, [r])[r]
     alone = descriptor_only_hits(dam_desc, g_desc, true)
+    order = two_stage_topk(C.pack(dam_real[dam_ok]), dam_desc, g_packed, g_desc, g_ids, r, 10)
     return {
+        "graded_ndcg@10_2stage": ndcg_from_order(order, gains, 10),
         "same_product_2stage_top1": hits[1], "same_product_2stage_top10": hits[10],
         "same_product_descriptor_top1": alone[1], "same_product_descriptor_top10": alone[10],
         "shortlist": r, "descriptor_dim": int(mapping.dim), "descriptor_projection": meta.get("projection"),
@@ -133,10 +137,12 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
         true_index = len(db_packed) + np.arange(n_dam)
         metrics.update(same_product_eval(dam_real[dam_ok], gallery, true_index[dam_ok], run.n_bits))
         metrics["n_damaged"] = int(dam_ok.sum())
-
-    if cfg.descriptor.kind != "none" and n_dam:
-        metrics.update(two_stage_eval(run, cat, pos_db, db_packed, pos_q, q_packed, dam_real, dam_ok,
-                                      phase=phase))
+        # one graded score of every granularity: the very product, its design, its type
+        gains = catalogue_gains(cat, dam_pos[dam_ok], np.concatenate([pos_db, pos_q]), true_index[dam_ok])
+        metrics["graded_ndcg@10"] = ndcg_at_k(C.hamming(C.pack(dam_real[dam_ok]), gallery), gains, 10)
+        if cfg.descriptor.kind != "none":
+            metrics.update(two_stage_eval(run, cat, pos_db, db_packed, pos_q, q_packed, dam_real, dam_ok,
+                                          gains, phase=phase))
 
     metrics.update({
         "n_bits": run.n_bits, "n_query": int(len(pos_q)), "n_database": int(len(pos_db)),

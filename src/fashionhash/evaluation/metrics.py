@@ -600,6 +600,44 @@ def attribute_gain(
     return out
 
 
+def granularity_gains(
+    true_index: np.ndarray,
+    query_attrs: Mapping[str, Any],
+    db_attrs: Mapping[str, Any],
+    type_key: str,
+    attr_keys: Sequence[str] = (),
+) -> np.ndarray:
+    """Gains of SGML's granularities for queries that each have one true item: ``(Q, N)``
+    float32, 3 for the very product (``true_index[q]``), 2 for an item of the same type
+    (``type_key``) whose every attribute in ``attr_keys`` matches too, 1 for the same type,
+    0 otherwise (a missing value never matches)."""
+    keys = [type_key, *[k for k in attr_keys if k != type_key]]
+    qc, dc = _encode_attrs(query_attrs, db_attrs, keys)
+    true_index = np.asarray(true_index, dtype=np.int64).reshape(-1)
+    if true_index.shape != (qc.shape[1],):
+        raise ValueError(f"true_index must be ({qc.shape[1]},), got {true_index.shape}")
+    out = np.empty((qc.shape[1], dc.shape[1]), dtype=np.float32)
+    for s in _row_chunks(qc.shape[1], dc.shape[1]):
+        same_type = qc[0, s, None] == dc[0][None, :]
+        all_attrs = _match_counts(qc[1:, s], dc[1:]) == len(keys) - 1
+        out[s] = same_type.astype(np.float32) + (same_type & all_attrs)
+    out[np.arange(len(true_index)), true_index] = 3.0
+    return out
+
+
+def ndcg_from_order(order: np.ndarray, gains: np.ndarray, k: int) -> float:
+    """nDCG@k of given rankings: ``order (Q, >=k)`` gallery positions best first (-1 =
+    nothing), ``gains (Q, N)``; the ideal is the k largest gains of each row (as
+    :func:`ndcg_at_k`, for rankers that are not a distance matrix, e.g. two-stage search)."""
+    g = np.asarray(gains, dtype=np.float64)
+    k = min(_check_k(k), g.shape[1])
+    order = np.asarray(order, dtype=np.int64)[:, :k]
+    got = np.where(order >= 0, np.take_along_axis(g, np.maximum(order, 0), axis=1), 0.0)
+    if got.shape[1] < k:
+        got = np.pad(got, ((0, 0), (0, k - got.shape[1])))
+    return _mean(_ndcg_per_query(got, _idcg(g, k)))
+
+
 # --------------------------------------------------------------------------------------
 # tie re-ranking
 # --------------------------------------------------------------------------------------

@@ -14,10 +14,23 @@ import numpy as np
 
 from fashionhash import codes as C
 from fashionhash.descriptors import dequantize
-from fashionhash.evaluation.metrics import same_item_topk
+from fashionhash.evaluation.metrics import granularity_gains, same_item_topk
+
+#: attributes that make two items of one type "the same design" for the graded score
+DESIGN_ATTRIBUTES = ("baseColour", "gender", "usage", "season")
 
 #: shortlist sizes tried on the validation split
 SHORTLISTS = (100, 250, 500, 1000, 2000)
+
+
+def catalogue_gains(cat, q_pos: np.ndarray, g_pos: np.ndarray, true_index: np.ndarray) -> np.ndarray:
+    """Graded gains ``(Q, N)`` of damaged copies of catalogue items ``q_pos`` against gallery
+    items ``g_pos`` (true item at ``true_index``): 3 the very product, 2 the same type and
+    the same :data:`DESIGN_ATTRIBUTES` (those the catalogue has), 1 the same type, else 0."""
+    keys = [k for k in DESIGN_ATTRIBUTES if k in cat.attrs and k != cat.label_key]
+    q_attrs = {"__type": cat.labels[q_pos], **{k: cat.attrs[k][q_pos] for k in keys}}
+    g_attrs = {"__type": cat.labels[g_pos], **{k: cat.attrs[k][g_pos] for k in keys}}
+    return granularity_gains(true_index, q_attrs, g_attrs, "__type", keys)
 
 
 def _shortlists(q_packed: np.ndarray, g_packed: np.ndarray, g_ids: np.ndarray, r: int) -> np.ndarray:
@@ -66,6 +79,21 @@ def two_stage_hits(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarra
                     hits[r][k] += rank < k
     n = max(len(q_packed), 1)
     return {r: {k: v / n for k, v in per.items()} for r, per in hits.items()}
+
+
+def two_stage_topk(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarray, g_desc: np.ndarray,
+                   g_ids: np.ndarray, shortlist: int, k: int, chunk: int = 32) -> np.ndarray:
+    """Gallery positions ``(Q, k)`` that two-stage search returns, best first (-1 pads a
+    shortlist shorter than k); arguments as :func:`two_stage_hits`."""
+    g_unit = dequantize(g_desc)
+    q_desc = np.asarray(q_desc, np.float32)
+    out = np.full((len(q_packed), k), -1, np.int64)
+    for s in range(0, len(q_packed), chunk):
+        cand = _shortlists(q_packed[s:s + chunk], g_packed, g_ids, shortlist)
+        cos = np.einsum("qrd,qd->qr", g_unit[cand], q_desc[s:s + chunk])
+        order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+        out[s:s + len(cand), :order.shape[1]] = np.take_along_axis(cand, order, 1)
+    return out
 
 
 def choose_shortlist(val_hits: dict[int, dict[int, float]]) -> int:

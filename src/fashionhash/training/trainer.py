@@ -33,8 +33,9 @@ from fashionhash import distributed
 from fashionhash.config import Config, TrainConfig, git_commit, load_config, save_config
 from fashionhash.distributed import DistInfo
 from fashionhash.evaluation.metrics import (
-    mean_average_precision, relevance_from_labels, same_item_topk, top1_expected,
+    mean_average_precision, ndcg_at_k, relevance_from_labels, same_item_topk, top1_expected,
 )
+from fashionhash.evaluation.two_stage import catalogue_gains
 from fashionhash.pipeline import (
     VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, image_array, item_features,
     open_data,
@@ -137,10 +138,11 @@ def _readable(cat, positions) -> np.ndarray:
     return ok
 
 
-def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=None) -> dict:
+def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=None, gains=None) -> dict:
     """Class-level scores of the val items against the database; with ``damaged_real``
     (damaged copies of the val items ``damaged_rows``), also their same-product top-1 /
-    top-10 against the database + the val originals, as ``evaluate`` does for the test queries."""
+    top-10 and graded nDCG@10 (``gains``) against the database + the val originals, as
+    ``evaluate`` does for the test queries."""
     q_packed, db_packed = C.pack(q_real), C.pack(db_real)
     dist = C.hamming(q_packed, db_packed)
     rel = relevance_from_labels(q_y, db_y)
@@ -149,8 +151,10 @@ def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=Non
     if damaged_real is not None and len(damaged_real):
         gallery = np.concatenate([db_packed, q_packed])
         true = len(db_packed) + np.asarray(damaged_rows)
-        hits = same_item_topk(C.hamming(C.pack(damaged_real), gallery), true, (1, 10))
-        out.update({"same_product_top1": hits[1], "same_product_top10": hits[10]})
+        dist = C.hamming(C.pack(damaged_real), gallery)
+        hits = same_item_topk(dist, true, (1, 10))
+        out.update({"same_product_top1": hits[1], "same_product_top10": hits[10],
+                    "graded_ndcg@10": ndcg_at_k(dist, gains, 10)})
     return out
 
 
@@ -183,7 +187,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     if cfg.train.batch_size % info.world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be "
                          f"divisible by the number of processes ({info.world})")
-    selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10"}
+    selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10", "graded_ndcg@10"}
                                          if cfg.model.mode == "frozen" and cfg.data.n_damaged else set())
     if cfg.train.select_metric not in selectable:
         raise ValueError(f"train.select_metric={cfg.train.select_metric!r}: this run's val split "
@@ -267,7 +271,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
             jlog.write(event="resume", epoch=start_epoch)
             log.info("resuming %s at epoch %d", run_dir, start_epoch)
 
-    val_damaged = val_damaged_rows = None  # finetune mode: class-level validation only
+    val_damaged = val_damaged_rows = val_gains = None  # finetune mode: class-level validation only
     if frozen:
         batches = _FrozenBatches(feats["train"][ok["train"]],
                                  np.stack([v[ok["train"]] for v in views]) if views else None,
@@ -284,6 +288,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
                                                 num_workers=tcfg.num_workers,
                                                 progress=cb.on_phase("features val damaged", len(first)))
             val_damaged, val_damaged_rows = val_damaged[dam_ok], np.flatnonzero(dam_ok)
+            val_gains = catalogue_gains(cat, first[dam_ok], np.concatenate([tr, pos["val"][ok["val"]]]),
+                                        len(tr) + val_damaged_rows)
     else:
         sources = cat.sources()
         ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
@@ -370,7 +376,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
         # rank 0 validates; its scores, hence the best-epoch decision, go to every rank
         val = distributed.broadcast_object(
             _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val,
-                         None if val_damaged is None else encode(val_damaged), val_damaged_rows)
+                         None if val_damaged is None else encode(val_damaged), val_damaged_rows, val_gains)
             if info.is_main else None, info)
         score = val[tcfg.select_metric]
         improved = best is None or score > best["score"]
