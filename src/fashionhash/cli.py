@@ -363,15 +363,17 @@ def _cmd_search(args) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"ranked by {res['ranking']['by']}")
-    print(f"{'rank':>4}  {'dist':>4}  {'cos':>5}  {'id':>8}  " + "".join(f"{c:<16.16} " for c in columns) + "name")
+    two_stage = res["ranking"]["stage"] == "two-stage"  # a cosine column only where it ranked
+    print(f"{'rank':>4}  {'dist':>4}  " + (f"{'cos':>5}  " if two_stage else "") + f"{'id':>8}  "
+          + "".join(f"{c:<16.16} " for c in columns) + "name")
     for rank, hit in enumerate(res["results"], 1):
         a = hit["attributes"]
-        cos = f"{hit['score']:.2f}" if "score" in hit else "-"
-        print(f"{rank:>4}  {hit['distance']:>4}  {cos:>5}  {hit['id']:>8}  "
+        cos = f"{hit['score']:>5.2f}  " if two_stage else ""
+        print(f"{rank:>4}  {hit['distance']:>4}  {cos}{hit['id']:>8}  "
               + "".join(f"{a.get(c, '') or '-':<16.16} " for c in columns) + hit["name"])
     print(f"search took {res['took_ms']:.1f} ms (encode {res['encode_ms']:.1f} ms, "
           f"index {res['search_ms']:.2f} ms); code {res['query']['code']}")
+    print(f"ranked by {res['ranking']['by']}")
     return 0
 
 

@@ -153,8 +153,9 @@ def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=Non
         true = len(db_packed) + np.asarray(damaged_rows)
         dist = C.hamming(C.pack(damaged_real), gallery)
         hits = same_item_topk(dist, true, (1, 10))
-        out.update({"same_product_top1": hits[1], "same_product_top10": hits[10],
-                    "graded_ndcg@10": ndcg_at_k(dist, gains, 10)})
+        out.update({"same_product_top1": hits[1], "same_product_top10": hits[10]})
+        if gains is not None:
+            out["graded_ndcg@10"] = ndcg_at_k(dist, gains, 10)
     return out
 
 
