@@ -10,7 +10,9 @@ searched with the HAMMING metric. The same code works with
 
 The data lives in Milvus: inserts and deletes are durable as soon as Milvus acknowledges
 them, and ``save(path)`` writes only a small checksummed manifest (URI, collection, options;
-never the token) that :func:`~fashionhash.index.open_index` reconnects from. A bulk add
+never the token) that :func:`~fashionhash.index.open_index` reconnects from; the token is
+passed again as ``token=`` or read from ``$FASHIONHASH_MILVUS_TOKEN``. Reopening a manifest
+whose collection is gone (a new or wiped server) is an error, not a new empty index. A bulk add
 interrupted midway leaves the batches already inserted (Milvus has no multi-batch
 transactions); the in-process backends do not have this caveat.
 
@@ -35,6 +37,7 @@ from .persist import write_container
 
 log = logging.getLogger(__name__)
 
+TOKEN_ENV = "FASHIONHASH_MILVUS_TOKEN"
 MAX_LIMIT = 16384  # Milvus' cap on top-k and on range-search results
 _INSERT_BATCH = 2000
 _ID_BATCH = 1000
@@ -66,7 +69,9 @@ class MilvusIndex(BinaryIndex):
 
     Options: ``uri`` (``.db`` path or server URL; required), ``collection``,
     ``index_type`` (default BIN_FLAT on Lite, BIN_IVF_FLAT on a server), ``nlist``,
-    ``nprobe`` (default nlist: exact), ``token`` (not saved).
+    ``nprobe`` (default nlist: exact), ``token`` (not saved; default
+    ``$FASHIONHASH_MILVUS_TOKEN``), ``timeout`` (seconds to wait for the server),
+    ``create`` (False: the collection must exist already; not saved).
     """
 
     name = "milvus"
@@ -81,6 +86,8 @@ class MilvusIndex(BinaryIndex):
         nlist: int = 1024,
         nprobe: int | None = None,
         token: str | None = None,
+        timeout: float = 10.0,
+        create: bool = True,
     ) -> None:
         super().__init__(n_bits)
         if not uri:
@@ -99,11 +106,21 @@ class MilvusIndex(BinaryIndex):
         self._nlist = int(nlist)
         self._nprobe = int(nprobe) if nprobe is not None else self._nlist
         self._dim = 8 * self.n_bytes
-        kwargs = {"uri": uri}
+        self._timeout = float(timeout)
+        self._client = self._connect(pymilvus, token or os.environ.get(TOKEN_ENV) or None)
+        self._ensure_collection(pymilvus, create)
+
+    def _connect(self, pymilvus, token: str | None):
+        kwargs = {"uri": self._uri, "timeout": self._timeout}
         if token:
             kwargs["token"] = token
-        self._client = pymilvus.MilvusClient(**kwargs)
-        self._ensure_collection(pymilvus)
+        try:
+            client = pymilvus.MilvusClient(**kwargs)
+            client.has_collection(self._collection)  # a server that accepts but cannot answer fails here
+        except pymilvus.MilvusException as exc:
+            hint = "" if self._lite else " (is the server running? `make milvus` starts a local one)"
+            raise ConnectionError(f"cannot reach Milvus at {self._uri}{hint}: {exc.message}") from exc
+        return client
 
     def options(self):
         return {
@@ -112,10 +129,16 @@ class MilvusIndex(BinaryIndex):
             "index_type": self._index_type,
             "nlist": self._nlist,
             "nprobe": self._nprobe,
+            "timeout": self._timeout,
         }
 
-    def _ensure_collection(self, pymilvus) -> None:
+    def _ensure_collection(self, pymilvus, create: bool) -> None:
         c = self._client
+        if not c.has_collection(self._collection) and not create:
+            raise FileNotFoundError(
+                f"collection {self._collection!r} is not on the Milvus server at {self._uri} "
+                "(a new or wiped server?): rebuild the index there"
+            )
         if c.has_collection(self._collection):
             fields = {f["name"]: f for f in c.describe_collection(self._collection)["fields"]}
             dim = int(fields.get("code", {}).get("params", {}).get("dim", -1))
@@ -355,4 +378,5 @@ class MilvusIndex(BinaryIndex):
 
     @classmethod
     def _restore(cls, path, meta, arrays, n_bits, options) -> "MilvusIndex":
-        return cls(n_bits=n_bits, **options)
+        # the manifest promises data in an existing collection: never recreate it empty
+        return cls(n_bits=n_bits, **{"create": False, **options})
