@@ -12,6 +12,9 @@ for us, done here:
   spotted in the server's log;
 * stopping: killing the launcher leaves the server running (for minutes after SIGTERM), so
   both run in their own process group, which gets SIGTERM and then SIGKILL.
+
+A server restarted after SIGKILL answers queries only once the old process's etcd session
+has expired (``common.session.ttl``, 30 s by default): the tests use 10 s.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ PORT_FLAGS = (
     "proxy-port", "proxy-internal-port", "etcd-port", "root-coord-port", "query-coord-port",
     "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
 )
+#: ``--extra-config`` settings (keys already in the launcher's config template)
+EXTRA_CONFIG = {"common.session.ttl": 10}
 _LAUNCH = "import sys, milvus; sys.argv[0] = 'milvus-server'; sys.exit(milvus.main())"
 
 
@@ -98,6 +103,7 @@ class MilvusServer:
         config = self.data_dir / "configs" / "milvus.yaml"
         config.unlink(missing_ok=True)  # read back below: must be this start's
         args = [a for flag, port in self._ports.items() for a in (f"--{flag}", str(port))]
+        args += [a for key, value in EXTRA_CONFIG.items() for a in ("--extra-config", f"{key}={value}")]
         logs = self.data_dir / "launcher.log"
         env = {**os.environ, "ETCD_CONFIG_PATH": str(self._etcd_config)}
         with open(logs, "ab") as out:
