@@ -202,8 +202,17 @@ def test_server_restart_keeps_everything(milvus_server, rng, tmp_path):
     index.add(np.arange(500, 600), db[500:])
     index.remove([3, 4])
     index.close()
+    live = MilvusIndex(n_bits, uri=milvus_server.uri, collection=name, timeout=3)
     milvus_server.stop()  # SIGTERM, then SIGKILL: a crash as far as Milvus can tell
-    milvus_server.start()
+    try:
+        # an open index whose server went away: a clear error in about its timeout, not
+        # after pymilvus' minutes of retries
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="does not answer"):
+            live.search(db[:1], 5)
+        assert time.monotonic() - t0 < 30
+    finally:
+        milvus_server.start()  # the other tests need it
     # the launcher may move to the next port (the old one lingers in TIME_WAIT)
     again = open_index(tmp_path / "m.fhi", uri=milvus_server.uri)
     keep = np.setdiff1d(np.arange(600), [3, 4])
