@@ -85,3 +85,22 @@ def synthetic_fmnist(tmp_path_factory) -> Path:
     np.savez(path, pixels=np.concatenate(pixels), labels=np.concatenate(labels),
              split=np.concatenate(split))
     return path
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One real Milvus standalone server for the session (``milvus==2.3.5``, the milvus
+    extra), its data under the session's tmp dir; stopped at the end whatever happened."""
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed (pip install '.[milvus]')")
+    pytest.importorskip("milvus", reason="milvus==2.3.5 (the server, in the milvus extra; Linux x86_64 only) is not installed")
+    from milvus_server import MilvusServer, ServerError
+
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        server.start()
+    except ServerError as exc:
+        pytest.skip(f"the Milvus server cannot start here: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

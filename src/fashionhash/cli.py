@@ -317,12 +317,13 @@ def _key_values(pairs: list[str] | None, what: str) -> dict[str, list[str]]:
     return out
 
 
-def _build_index_verbose(run_dir: Path, out: Path, backend: str, items: str, force: bool, quiet: bool) -> None:
+def _build_index_verbose(run_dir: Path, out: Path, backend: str, items: str, force: bool, quiet: bool,
+                         options: dict | None = None) -> None:
     from fashionhash.index.build import build_index
 
     t0 = time.time()
-    index = build_index(run_dir, out, backend=backend, items=items, progress=_Bars(quiet).phase,
-                        overwrite=force)
+    index = build_index(run_dir, out, backend=backend, backend_options=options, items=items,
+                        progress=_Bars(quiet).phase, overwrite=force)
     n, bits = len(index), index.n_bits
     index.close()
     print(f"indexed {n:,} items ({bits} bits, {backend}) into {out} in {time.time() - t0:.1f}s")
@@ -330,7 +331,10 @@ def _build_index_verbose(run_dir: Path, out: Path, backend: str, items: str, for
 
 def _cmd_index_build(args) -> int:
     out = Path(args.out) if args.out else Path(args.run_dir) / "index"
-    _build_index_verbose(Path(args.run_dir), out, args.backend, args.items, args.force, args.quiet)
+    options = {k: v for k, v in (("uri", args.uri), ("collection", args.collection)) if v}
+    if options and args.backend != "milvus":
+        raise ValueError(f"--uri and --collection are for --backend milvus, not {args.backend}")
+    _build_index_verbose(Path(args.run_dir), out, args.backend, args.items, args.force, args.quiet, options)
     return 0
 
 
@@ -446,6 +450,9 @@ def _add_serving_commands(sub) -> None:
     b.add_argument("run_dir", type=Path)
     b.add_argument("--out", type=Path, help="index directory (default RUN_DIR/index)")
     b.add_argument("--backend", default="mih", help="flat, mih (default), faiss or milvus")
+    b.add_argument("--uri", help="milvus: server URL (http://host:19530) or a Milvus Lite .db file; "
+                   "a token, if the server needs one, comes from $FASHIONHASH_MILVUS_TOKEN")
+    b.add_argument("--collection", help="milvus: collection name (default fashionhash)")
     b.add_argument("--items", choices=("all", "database"), default="all",
                    help="every catalogue photo (default) or the evaluation database only")
     b.add_argument("--force", action="store_true", help="replace an existing index")
@@ -632,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=("" if world == 1 else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FetchError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FetchError, ConnectionError) as e:
         print(f"fashionhash: error: {e}", file=sys.stderr)
         return 2
 

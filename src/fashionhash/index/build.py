@@ -27,6 +27,7 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.descriptors import quantize
 
+from .base import INDEXES, BinaryIndex
 from .catalogue import HashIndex
 from .persist import atomic_write
 
@@ -207,11 +208,29 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _empty_backend(backend: str, n_bits: int, options: Mapping[str, Any], overwrite: bool) -> BinaryIndex:
+    """The backend to fill. An outside collection (Milvus) that already holds items is
+    another index's data: it is dropped only with ``overwrite``."""
+    index = INDEXES.build(backend, n_bits=n_bits, **options)
+    if not index.external or len(index) == 0:
+        return index
+    if not overwrite:
+        n = len(index)
+        index.close()
+        raise FileExistsError(f"the {backend} collection {options} already holds {n} items: "
+                              "pass overwrite=True (CLI: --force) to replace it, or choose another collection")
+    log.warning("dropping the %s collection %s to rebuild it", backend, options)
+    index.drop()
+    index.close()
+    return INDEXES.build(backend, n_bits=n_bits, **options)
+
+
 def build_index(
     run_dir: str | os.PathLike,
     index_path: str | os.PathLike,
     *,
     backend: str = "mih",
+    backend_options: Mapping[str, Any] | None = None,
     items: Literal["all", "database"] = "all",
     progress: PhaseFactory | None = None,
     overwrite: bool = False,
@@ -220,7 +239,10 @@ def build_index(
     """Index a run's catalogue into ``index_path`` and return the opened index.
 
     ``items``: ``"all"`` (every catalogue photo, what a shop would search) or
-    ``"database"`` (the evaluation database only). ``progress(name, total)`` may return a
+    ``"database"`` (the evaluation database only). ``backend_options``: the backend's
+    options, e.g. ``{"uri": "http://host:19530", "collection": "shop"}`` for ``milvus``,
+    whose codes then live in that collection (replaced only with ``overwrite``, dropped
+    again if the build fails). ``progress(name, total)`` may return a
     callable that is told how many photos were encoded (the CLI draws bars with it).
     Unreadable photos are skipped with one warning. The directory appears only when
     complete (built beside it, then renamed); an existing one is replaced only with
@@ -265,8 +287,9 @@ def build_index(
     tmp = index_path.with_name(f".{index_path.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     index_path.parent.mkdir(parents=True, exist_ok=True)
+    codes = _empty_backend(backend, run.n_bits, backend_options or {}, overwrite)
     try:
-        index = HashIndex(backend, run.n_bits, tmp, descriptor_dim=None if desc is None else desc.shape[1])
+        index = HashIndex(codes, run.n_bits, tmp, descriptor_dim=None if desc is None else desc.shape[1])
         index.add(ids[keep], packed[keep], metadata, descriptors=desc)
         index.save()
         index.close()
@@ -286,6 +309,9 @@ def build_index(
         replace_dir(tmp, index_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if codes.external:  # its collection was empty before: leave it so
+            with contextlib.suppress(Exception):
+                codes.drop()
         raise
     log.info("indexed %d items of %s into %s in %.1fs (%d codes reused, %d encoded)",
              keep.size, run_dir, index_path, time.time() - t0, int(have.sum()), int(todo.size))

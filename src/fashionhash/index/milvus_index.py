@@ -10,7 +10,9 @@ searched with the HAMMING metric. The same code works with
 
 The data lives in Milvus: inserts and deletes are durable as soon as Milvus acknowledges
 them, and ``save(path)`` writes only a small checksummed manifest (URI, collection, options;
-never the token) that :func:`~fashionhash.index.open_index` reconnects from. A bulk add
+never the token) that :func:`~fashionhash.index.open_index` reconnects from; the token is
+passed again as ``token=`` or read from ``$FASHIONHASH_MILVUS_TOKEN``. Reopening a manifest
+whose collection is gone (a new or wiped server) is an error, not a new empty index. A bulk add
 interrupted midway leaves the batches already inserted (Milvus has no multi-batch
 transactions); the in-process backends do not have this caveat.
 
@@ -22,6 +24,7 @@ straddles Milvus' result limit.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -35,10 +38,16 @@ from .persist import write_container
 
 log = logging.getLogger(__name__)
 
+TOKEN_ENV = "FASHIONHASH_MILVUS_TOKEN"
 MAX_LIMIT = 16384  # Milvus' cap on top-k and on range-search results
 _INSERT_BATCH = 2000
 _ID_BATCH = 1000
 _QUERY_BATCH = 256
+#: seconds for loading and flushing a collection, which take long on big ones
+_SLOW_TIMEOUT = 120.0
+#: what pymilvus' errors say when the server is gone (it has no dedicated exception)
+_UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Fail connecting", "Retry run out",
+                "Retry timeout")
 
 
 def import_pymilvus():
@@ -66,7 +75,9 @@ class MilvusIndex(BinaryIndex):
 
     Options: ``uri`` (``.db`` path or server URL; required), ``collection``,
     ``index_type`` (default BIN_FLAT on Lite, BIN_IVF_FLAT on a server), ``nlist``,
-    ``nprobe`` (default nlist: exact), ``token`` (not saved).
+    ``nprobe`` (default nlist: exact), ``token`` (not saved; default
+    ``$FASHIONHASH_MILVUS_TOKEN``), ``timeout`` (seconds to wait for the server),
+    ``create`` (False: the collection must exist already; not saved).
     """
 
     name = "milvus"
@@ -81,6 +92,8 @@ class MilvusIndex(BinaryIndex):
         nlist: int = 1024,
         nprobe: int | None = None,
         token: str | None = None,
+        timeout: float = 10.0,
+        create: bool = True,
     ) -> None:
         super().__init__(n_bits)
         if not uri:
@@ -99,11 +112,21 @@ class MilvusIndex(BinaryIndex):
         self._nlist = int(nlist)
         self._nprobe = int(nprobe) if nprobe is not None else self._nlist
         self._dim = 8 * self.n_bytes
-        kwargs = {"uri": uri}
+        self._timeout = float(timeout)
+        self._client = self._connect(pymilvus, token or os.environ.get(TOKEN_ENV) or None)
+        self._ensure_collection(pymilvus, create)
+
+    def _connect(self, pymilvus, token: str | None):
+        kwargs = {"uri": self._uri, "timeout": self._timeout}
         if token:
             kwargs["token"] = token
-        self._client = pymilvus.MilvusClient(**kwargs)
-        self._ensure_collection(pymilvus)
+        try:
+            client = pymilvus.MilvusClient(**kwargs)
+            client.has_collection(self._collection, timeout=max(1, math.ceil(self._timeout)))  # answers?
+        except pymilvus.MilvusException as exc:
+            hint = "" if self._lite else " (is the server running? `make milvus` starts a local one)"
+            raise ConnectionError(f"cannot reach Milvus at {self._uri}{hint}: {exc.message}") from exc
+        return client
 
     def options(self):
         return {
@@ -112,12 +135,19 @@ class MilvusIndex(BinaryIndex):
             "index_type": self._index_type,
             "nlist": self._nlist,
             "nprobe": self._nprobe,
+            "timeout": self._timeout,
         }
 
-    def _ensure_collection(self, pymilvus) -> None:
-        c = self._client
-        if c.has_collection(self._collection):
-            fields = {f["name"]: f for f in c.describe_collection(self._collection)["fields"]}
+    def _ensure_collection(self, pymilvus, create: bool) -> None:
+        c = self._call
+        exists = c("has_collection", self._collection)
+        if not exists and not create:
+            raise FileNotFoundError(
+                f"collection {self._collection!r} is not on the Milvus server at {self._uri} "
+                "(a new or wiped server?): rebuild the index there"
+            )
+        if exists:
+            fields = {f["name"]: f for f in c("describe_collection", self._collection)["fields"]}
             dim = int(fields.get("code", {}).get("params", {}).get("dim", -1))
             if "id" not in fields or dim != self._dim:
                 raise ValueError(
@@ -128,19 +158,33 @@ class MilvusIndex(BinaryIndex):
             schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
             schema.add_field("code", pymilvus.DataType.BINARY_VECTOR, dim=self._dim)
-            params = c.prepare_index_params()
+            params = self._client.prepare_index_params()
             extra = {} if self._index_type == "BIN_FLAT" else {"params": {"nlist": self._nlist}}
             params.add_index(field_name="code", index_type=self._index_type, metric_type="HAMMING", **extra)
-            c.create_collection(self._collection, schema=schema, index_params=params, consistency_level="Strong")
+            c("create_collection", self._collection, schema=schema, index_params=params, consistency_level="Strong")
             log.info("created Milvus collection %s at %s (%s)", self._collection, self._uri, self._index_type)
-        c.load_collection(self._collection)
+        c("load_collection", self._collection, timeout=max(self._timeout, _SLOW_TIMEOUT))
+
+    def _call(self, method: str, *args, **kwargs):
+        """One client call, bounded by ``timeout``: pymilvus would otherwise retry a server
+        that went away for minutes. A server that cannot be reached -> ConnectionError."""
+        pymilvus = import_pymilvus()
+        try:
+            # an int: pymilvus' retry loop ignores a float timeout and retries 75 times
+            timeout = max(1, math.ceil(kwargs.pop("timeout", self._timeout)))
+            return getattr(self._client, method)(*args, timeout=timeout, **kwargs)
+        except pymilvus.MilvusException as exc:
+            text = str(exc)
+            if any(m in text for m in _UNREACHABLE):
+                raise ConnectionError(f"Milvus at {self._uri} does not answer ({method}): {exc.message}") from exc
+            raise
 
     def close(self) -> None:
         self._client.close()
 
     def drop(self) -> None:
         """Delete the whole collection."""
-        self._client.drop_collection(self._collection)
+        self._call("drop_collection", self._collection)
 
     def __enter__(self):
         return self
@@ -154,7 +198,7 @@ class MilvusIndex(BinaryIndex):
         found = []
         for a in range(0, ids.size, _ID_BATCH):
             chunk = ids[a : a + _ID_BATCH]
-            rows = self._client.query(self._collection, filter=_id_expr(chunk), output_fields=["id"])
+            rows = self._call("query", self._collection, filter=_id_expr(chunk), output_fields=["id"])
             found.extend(int(r["id"]) for r in rows)
         return np.unique(np.asarray(found, dtype=np.int64))
 
@@ -172,22 +216,22 @@ class MilvusIndex(BinaryIndex):
                     {"id": int(i), "code": c.tobytes()}
                     for i, c in zip(ids[a : a + _INSERT_BATCH], packed[a : a + _INSERT_BATCH])
                 ]
-                self._client.insert(self._collection, rows)
+                self._call("insert", self._collection, rows)
 
     def remove(self, ids) -> int:
         ids = np.unique(_as_ids(ids))
         with self._lock:
             present = self._existing(ids)
             for a in range(0, present.size, _ID_BATCH):
-                self._client.delete(self._collection, ids=[int(i) for i in present[a : a + _ID_BATCH]])
+                self._call("delete", self._collection, ids=[int(i) for i in present[a : a + _ID_BATCH]])
             return int(present.size)
 
     def __len__(self) -> int:
-        res = self._client.query(self._collection, filter="", output_fields=["count(*)"])
+        res = self._call("query", self._collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def _iterate(self, expr: str, fields: list[str]):
-        it = self._client.query_iterator(self._collection, batch_size=4096, filter=expr, output_fields=fields)
+        it = self._call("query_iterator", self._collection, batch_size=4096, filter=expr, output_fields=fields)
         try:
             while True:
                 batch = it.next()
@@ -236,7 +280,8 @@ class MilvusIndex(BinaryIndex):
     def _raw_search(self, qb: np.ndarray, limit: int, expr: str, extra: dict | None = None):
         out = []
         for a in range(0, qb.shape[0], _QUERY_BATCH):
-            res = self._client.search(
+            res = self._call(
+                "search",
                 self._collection,
                 data=[row.tobytes() for row in qb[a : a + _QUERY_BATCH]],
                 anns_field="code",
@@ -349,10 +394,11 @@ class MilvusIndex(BinaryIndex):
 
     def save(self, path: str | os.PathLike) -> None:
         """Flush Milvus and write a manifest that :func:`open_index` reconnects from."""
-        self._client.flush(self._collection)
+        self._call("flush", self._collection, timeout=max(self._timeout, _SLOW_TIMEOUT))
         meta = {"backend": self.name, "n_bits": self.n_bits, "options": self.options(), "saved_at": time.time()}
         write_container(path, meta, {})
 
     @classmethod
     def _restore(cls, path, meta, arrays, n_bits, options) -> "MilvusIndex":
-        return cls(n_bits=n_bits, **options)
+        # the manifest promises data in an existing collection: never recreate it empty
+        return cls(n_bits=n_bits, **{"create": False, **options})

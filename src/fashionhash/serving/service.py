@@ -572,7 +572,7 @@ class SearchService:
                    "checkpoint_epoch": int(self.run.meta.get("checkpoint_epoch", -1))}
         return {
             "items": len(self.index), "n_bits": self.index.n_bits, "backend": self.index.index.name,
-            "index_path": str(self.index_path), "index_built": self.info.created,
+            "index_path": self.index_path.name, "index_built": self.info.created,
             "index_run": self.info.run_dir, "run": run,
             "filter_keys": sorted(self.index.known_keys()),
             "facet_keys": [k for k in self.facet_keys if k in self.index.known_keys()],
