@@ -20,7 +20,7 @@ from fashionhash.evaluation.metrics import granularity_gains, same_item_topk
 DESIGN_ATTRIBUTES = ("baseColour", "gender", "usage", "season")
 
 #: shortlist sizes tried on the validation split
-SHORTLISTS = (100, 250, 500, 1000, 2000)
+SHORTLISTS = (100, 250, 500, 1000, 2000, 5000, 10000)
 
 
 def catalogue_gains(cat, q_pos: np.ndarray, g_pos: np.ndarray, true_index: np.ndarray) -> np.ndarray:
