@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Whitening", "l2_normalise", "quantize", "dequantize", "cosine_int8", "rerank",
-           "rerank_reference"]
+           "rerank_positions", "rerank_reference"]
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -117,6 +117,19 @@ def cosine_int8(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return (r @ q) / (norms * max(float(np.linalg.norm(q)), 1e-12))
 
 
+def rerank_positions(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rerank` as positions in the shortlist: ``(scores (k',), positions (k',))``, so
+    callers can carry along what else they know of each candidate (its Hamming distance)."""
+    valid = np.flatnonzero(np.asarray(candidates) >= 0)
+    if valid.size == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    scores = cosine_int8(query, rows[valid])
+    # stable sort on -score: ties keep the Hamming order of the shortlist
+    order = np.argsort(-scores, kind="stable")[:k]
+    return scores[order], valid[order]
+
+
 def rerank(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Order one query's shortlist by descriptor cosine.
 
@@ -125,13 +138,8 @@ def rerank(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray, k: int) 
     Returns ``(scores (k',) float32, ids (k',) int64)`` with ``k' = min(k, valid)``,
     best first; equal scores keep the shortlist's (Hamming) order.
     """
-    valid = np.flatnonzero(np.asarray(candidates) >= 0)
-    if valid.size == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    scores = cosine_int8(query, rows[valid])
-    # stable sort on -score: ties keep the Hamming order of the shortlist
-    order = np.argsort(-scores, kind="stable")[:k]
-    return scores[order], np.asarray(candidates)[valid[order]].astype(np.int64)
+    scores, pos = rerank_positions(query, candidates, rows, k)
+    return scores, np.asarray(candidates)[pos].astype(np.int64)
 
 
 def rerank_reference(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray,

@@ -89,9 +89,10 @@ def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: n
     g_packed = np.concatenate([db_packed, q_packed])
     g_ids = np.concatenate([cat.ids[pos_db], cat.ids[pos_q]])
     true = len(pos_db) + np.flatnonzero(dam_ok)
-    hits = two_stage_hits(C.pack(dam_real[dam_ok]), dam_desc, g_packed, g_desc, g_ids, true, [r])[r]
+    dam_packed = C.pack(dam_real[dam_ok])
+    hits = two_stage_hits(dam_packed, dam_desc, g_packed, g_desc, g_ids, true, [r])[r]
     alone = descriptor_only_hits(dam_desc, g_desc, true)
-    order = two_stage_topk(C.pack(dam_real[dam_ok]), dam_desc, g_packed, g_desc, g_ids, r, 10)
+    order = two_stage_topk(dam_packed, dam_desc, g_packed, g_desc, g_ids, r, 10)
     return {
         "graded_ndcg@10_2stage": ndcg_from_order(order, gains, 10),
         "same_product_2stage_top1": hits[1], "same_product_2stage_top10": hits[10],

@@ -45,6 +45,15 @@ def _shortlists(q_packed: np.ndarray, g_packed: np.ndarray, g_ids: np.ndarray, r
     return np.take_along_axis(part, order, 1)
 
 
+def _reranked_chunks(q_packed, q_desc, g_packed, g_desc, g_ids, r: int, chunk: int):
+    """Per chunk of queries: ``(start, shortlist positions (c, r), cosines (c, r))``."""
+    g_unit = dequantize(g_desc)
+    q_desc = np.asarray(q_desc, np.float32)
+    for s in range(0, len(q_packed), chunk):
+        cand = _shortlists(q_packed[s:s + chunk], g_packed, g_ids, r)
+        yield s, cand, np.einsum("qrd,qd->qr", g_unit[cand], q_desc[s:s + chunk])
+
+
 def two_stage_hits(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarray, g_desc: np.ndarray,
                    g_ids: np.ndarray, true_index: np.ndarray, shortlists: Sequence[int],
                    ks: Sequence[int] = (1, 10), chunk: int = 32) -> dict[int, dict[int, float]]:
@@ -58,13 +67,9 @@ def two_stage_hits(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarra
     """
     shortlists = sorted({int(r) for r in shortlists})
     r_max = min(shortlists[-1], len(g_packed))
-    g_unit = dequantize(g_desc)
-    q_desc = np.asarray(q_desc, np.float32)
     true_index = np.asarray(true_index, np.int64)
     hits = {r: {k: 0.0 for k in ks} for r in shortlists}
-    for s in range(0, len(q_packed), chunk):
-        cand = _shortlists(q_packed[s:s + chunk], g_packed, g_ids, r_max)
-        cos = np.einsum("qrd,qd->qr", g_unit[cand], q_desc[s:s + chunk])
+    for s, cand, cos in _reranked_chunks(q_packed, q_desc, g_packed, g_desc, g_ids, r_max, chunk):
         for row, true in zip(range(len(cand)), true_index[s:s + chunk]):
             where = np.flatnonzero(cand[row] == true)
             if not where.size:
@@ -85,12 +90,8 @@ def two_stage_topk(q_packed: np.ndarray, q_desc: np.ndarray, g_packed: np.ndarra
                    g_ids: np.ndarray, shortlist: int, k: int, chunk: int = 32) -> np.ndarray:
     """Gallery positions ``(Q, k)`` that two-stage search returns, best first (-1 pads a
     shortlist shorter than k); arguments as :func:`two_stage_hits`."""
-    g_unit = dequantize(g_desc)
-    q_desc = np.asarray(q_desc, np.float32)
     out = np.full((len(q_packed), k), -1, np.int64)
-    for s in range(0, len(q_packed), chunk):
-        cand = _shortlists(q_packed[s:s + chunk], g_packed, g_ids, shortlist)
-        cos = np.einsum("qrd,qd->qr", g_unit[cand], q_desc[s:s + chunk])
+    for s, cand, cos in _reranked_chunks(q_packed, q_desc, g_packed, g_desc, g_ids, shortlist, chunk):
         order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
         out[s:s + len(cand), :order.shape[1]] = np.take_along_axis(cand, order, 1)
     return out

@@ -186,8 +186,8 @@ def _catalogue_descriptors(run: "Run", cat, split, positions: np.ndarray,
         where = np.flatnonzero(np.isin(positions, part_pos) & ~done)
         if where.size:
             raw, _ = item_descriptors(cat, part_pos, run.cfg)
-            rows = np.searchsorted(part_pos, positions[where], sorter=np.argsort(part_pos))
-            out[where] = whitening.quantized(raw[np.argsort(part_pos)[rows]])
+            by_pos = np.argsort(part_pos)
+            out[where] = whitening.quantized(raw[by_pos[np.searchsorted(part_pos, positions[where], sorter=by_pos)]])
             done[where] = True
     rest = np.flatnonzero(~done)
     if rest.size:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fashionhash.descriptors import rerank
+from fashionhash.descriptors import rerank_positions
 
 from .base import INDEXES, BinaryIndex, _as_ids, check_filter_keys, open_index
 from .descriptor_store import DescriptorStore
@@ -53,12 +53,6 @@ CREATE INDEX IF NOT EXISTS attrs_by_id ON attrs (id);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 Filters = Mapping[str, "str | int | Sequence[str | int]"]
-
-
-def _lookup_dist(dist: np.ndarray, cand: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Hamming distance of each of ``ids`` in a shortlist ``(cand, dist)``."""
-    where = {int(c): j for j, c in enumerate(cand.tolist()) if c >= 0}
-    return np.asarray([dist[where[int(i)]] for i in ids], np.int32)
 
 
 class HashIndex:
@@ -420,9 +414,9 @@ class HashIndex:
         out_d = np.zeros((len(cand), k), np.int32)
         out_i = np.full((len(cand), k), -1, np.int64)
         for q in range(len(cand)):
-            sc, ids = rerank(descriptors[q], cand[q], rows[q], k)
-            scores[q, :len(ids)], out_i[q, :len(ids)] = sc, ids
-            out_d[q, :len(ids)] = _lookup_dist(dist[q], cand[q], ids)
+            sc, pos = rerank_positions(descriptors[q], cand[q], rows[q], k)
+            n = len(pos)
+            scores[q, :n], out_i[q, :n], out_d[q, :n] = sc, cand[q][pos], dist[q][pos]
         return scores, out_d, out_i
 
     def radius_search(self, codes, radius: int, filters: Filters | None = None):

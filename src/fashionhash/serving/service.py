@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from fashionhash import codes as C
-from fashionhash.descriptors import dequantize, quantize, rerank
+from fashionhash.descriptors import dequantize, quantize, rerank_positions
 from fashionhash.index import HashIndex
 from fashionhash.index.build import (
     IndexInfo,
@@ -398,10 +398,8 @@ class SearchService:
         dist, ids = dist[keep], ids[keep]
         scores = None
         if two_stage and ids.size:
-            scores, reranked = rerank(descriptor[0], ids, self.index.get_descriptors(ids), k)
-            where = {int(i): j for j, i in enumerate(ids.tolist())}
-            dist = np.asarray([dist[where[int(i)]] for i in reranked])
-            ids = reranked
+            scores, pos = rerank_positions(descriptor[0], ids, self.index.get_descriptors(ids), k)
+            dist, ids = dist[pos], ids[pos]
         ranking = ({"stage": "two-stage", "shortlist": int(self.shortlist),
                     "by": f"Hamming top {self.shortlist}, re-ranked by descriptor cosine"} if two_stage
                    else {"stage": "hamming", "by": "Hamming distance"})
