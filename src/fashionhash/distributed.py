@@ -93,6 +93,9 @@ def session(device: torch.device = torch.device("cpu")) -> Iterator[DistInfo]:
     dist.init_process_group(backend_for(device), timeout=_timeout())
     try:
         yield info
+        # every rank done with its collectives before any tears the group down (a rank
+        # leaving early once aborted its peer's gloo threads)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
