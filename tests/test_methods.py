@@ -423,7 +423,8 @@ def test_frozen_mode_on_real_photos(name, tiny_kaggle, tmp_path, _repo_cwd):
     rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run), "--evaluate", "--quiet",
                f"data.root={tiny_kaggle}", f"method.name={name}", "data.n_query=20", "data.n_val=12",
                "data.min_per_class=5", "data.n_damaged=10", "model.image_size=64", "model.n_bits=16",
-               "model.hidden=32", "train.epochs=1", "train.batch_size=32", "train.num_workers=0"])
+               "model.hidden=32", "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
+               "descriptor.kind=none"])
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["map"] <= 1 and metrics["method"] == name

@@ -20,9 +20,10 @@ from fashionhash.data.splits import make_split
 
 LABELS = ("shirt", "trousers", "shoe")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 160, 60)}
-# as tests/test_serving.py's tiny run, at the sizes the demo scales to by itself
+# as tests/test_serving.py's tiny run, at the sizes the demo scales to by itself; the demo's
+# second stage stays on, at small scales
 FAST = ["model.image_size=64", "model.n_bits=32", "train.epochs=1", "train.batch_size=32",
-        "train.num_workers=1"]
+        "train.num_workers=1", "descriptor.scales=[64,48]", "descriptor.dim=32", "descriptor.learn_epochs=2"]
 
 
 def _photo(label: str, colour: tuple[int, int, int], seed: int) -> Image.Image:

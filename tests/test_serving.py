@@ -37,7 +37,7 @@ UPLOAD_LIMIT = 400_000
 # the tiny run of tests/test_training.py (same arguments, so the feature cache is shared)
 TINY_RUN_ARGS = ["data.n_query=20", "data.n_val=12", "data.min_per_class=5", "data.n_damaged=10",
                  "model.image_size=64", "model.n_bits=32", "train.epochs=1", "train.batch_size=32",
-                 "train.num_workers=1"]
+                 "train.num_workers=1", "descriptor.kind=none"]
 # session fixtures are memoised here so tests/test_browser.py, which imports them, reuses
 # the same trained run and index instead of training again
 _MEMO: dict[str, Path] = {}

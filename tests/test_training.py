@@ -28,7 +28,8 @@ def test_one_epoch_real_photos_through_cli(tiny_kaggle, tmp_path, capsys):
     rc = main(["train", "--config", "configs/demo.yaml", "--run-dir", str(run), "--evaluate", "--quiet",
                f"data.root={tiny_kaggle}", "data.n_query=20", "data.n_val=12", "data.min_per_class=5",
                "data.n_damaged=10", "model.image_size=64", "model.n_bits=32", "train.epochs=1",
-               "train.batch_size=32", "train.num_workers=1", "train.select_metric=same_product_top10"])
+               "train.batch_size=32", "train.num_workers=1", "train.select_metric=same_product_top10",
+               "descriptor.kind=none"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "mAP@all" in out and "same product top-1" in out

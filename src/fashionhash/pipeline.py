@@ -165,7 +165,8 @@ def check_descriptor_config(cfg: Config) -> None:
     if d.kind != "gem":
         raise ValueError(f"descriptor.kind is none or gem, not {d.kind!r}")
     if cfg.model.mode != "frozen" or not cfg.model.backbone.startswith("efficientnet"):
-        raise ValueError("descriptors need model.mode=frozen with an EfficientNet-Lite backbone")
+        raise ValueError("descriptors need model.mode=frozen with an EfficientNet-Lite backbone: "
+                         "set descriptor.kind=none for the single-stage codes")
     if d.dim <= 0 or d.shortlist < 0 or any(int(s) < 32 for s in d.scales):
         raise ValueError("descriptor.dim must be > 0, descriptor.shortlist >= 0 and every scale >= 32 px")
 
