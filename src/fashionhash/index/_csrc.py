@@ -582,11 +582,12 @@ i64 fh_mih_radius(const mih_t *t, const u64 *queries, i64 nq, int radius, i64 *o
     for (; q < nq; ++q) {
         const u64 *qv = queries + q * W;
         sc.hits.n = 0;
-        int rc = mih_query(t, qv, NULL, radius, &sc.hits, stats);
+        i64 qstats[3] = {0, 0, 0}; /* added to stats once this query's hits are written */
+        int rc = mih_query(t, qv, NULL, radius, &sc.hits, qstats);
         if (rc < 0) goto out;
         fallback[q] = rc == 0;
         out_n[q] = 0;
-        if (rc == 0) continue;
+        if (rc == 0) { for (int j = 0; j < 3; ++j) stats[j] += qstats[j]; continue; }
         i64 nt = 0;
         for (i64 r = t->n_indexed; r < t->n_total; ++r) {
             i32 d = dist_w(qv, t->codes + r * W, W);
@@ -631,6 +632,7 @@ i64 fh_mih_radius(const mih_t *t, const u64 *queries, i64 nq, int radius, i64 *o
         }
         out_n[q] = pos - used;
         used = pos;
+        for (int j = 0; j < 3; ++j) stats[j] += qstats[j];
     }
     ret = q;
 out:

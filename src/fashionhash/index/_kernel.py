@@ -735,9 +735,9 @@ def _mih_radius_c(lib, st, queries, radius: int, fallback, a: int, b: int):
             raise MemoryError("the MIH radius kernel could not allocate its scratch memory")
         used = int(counts[:done].sum())
         parts.append((counts[:done], out_d[:used], out_id[:used]))
-        if q + done < b:
-            cap = max(cap, 2 * int(need[0]))  # the next query's hits did not fit
         q += int(done)
+        if q < b:  # the next query's hits did not fit: room for it, and for the rest at this rate
+            cap = max(cap, 2 * int(need[0]), int(1.25 * used / max(done, 1) * (b - q)))
     return parts, local
 
 
