@@ -307,6 +307,82 @@ def test_numpy_kernels_agree(backend, rng):
 
 
 # ---------------------------------------------------------------------------------------
+# codes shared by many items (what a trained model gives): MIH's per-code tables
+
+
+def shared_codes(rng, n: int, n_bits: int, n_codes: int = 60) -> np.ndarray:
+    """``n`` items on ``n_codes`` clustered codes with skewed (Zipf-like) popularity: a few
+    codes carry hundreds of items, most carry a handful, as when a trained hash collapses
+    each clothing type onto a few codes."""
+    codes = clustered_codes(rng, n_codes, n_bits, n_centres=6, max_flips=3)
+    weight = 1.0 / np.arange(1, n_codes + 1) ** 1.2
+    return codes[rng.choice(n_codes, n, p=weight / weight.sum())]
+
+
+@pytest.mark.parametrize("kernel", ["c", "numpy"])
+@pytest.mark.parametrize("n_bits", [32, 64, 128])
+def test_mih_on_shared_codes_matches_reference(kernel, n_bits, rng, tmp_path):
+    """Ties broken by id, filters, tombstones, rows added after the build and a save/open
+    round trip, all on codes shared by hundreds of items each."""
+    n = 2500
+    db = shared_codes(rng, n, n_bits)
+    ids = rng.choice(10**6, n, replace=False)  # id order unrelated to insertion order
+    q = np.concatenate([db[:8], near(rng, db, n_bits, 8, flips=1), near(rng, db, n_bits, 4, flips=3),
+                        random_codes(rng, 3, n_bits)])
+    with use_kernel(kernel):
+        index = MIHIndex(n_bits)
+        index.add(ids, db)
+        index.build()
+        assert index._tables.n_codes <= 60 < index._tables.n_indexed  # grouped by code
+        for k in (1, 10, 100, n + 5):
+            assert_knn(index, ids, db, q, k, n_bits)
+        for r in range(4):
+            assert_radius(index, ids, db, q, r, n_bits)
+        sel = ids[rng.random(n) < 0.5]  # a large filter: a row mask over the grouped rows
+        assert_knn(index, ids, db, q, 10, n_bits, filter_ids=sel)
+        assert_radius(index, ids, db, q, 2, n_bits, filter_ids=sel)
+        small = ids[::97]  # a small filter: scanned directly
+        assert_knn(index, ids, db, q, 10, n_bits, filter_ids=small)
+        gone = ids[rng.choice(n, 150, replace=False)]  # tombstones inside the shared codes
+        index.remove(gone)
+        keep = ~np.isin(ids, gone)
+        assert_knn(index, ids[keep], db[keep], q, 10, n_bits)
+        assert_radius(index, ids[keep], db[keep], q, 1, n_bits)
+        extra = np.concatenate([db[:20], near(rng, db, n_bits, 20, flips=1)])  # the unsorted tail
+        extra_ids = np.concatenate([rng.choice(10**6, 20, replace=False) + 10**6, np.arange(20)])
+        extra_ids = extra_ids[~np.isin(extra_ids, ids)]
+        index.add(extra_ids, extra[: extra_ids.size])
+        all_ids = np.concatenate([ids[keep], extra_ids])
+        all_db = np.concatenate([db[keep], extra[: extra_ids.size]])
+        assert index._n > index._n_main  # the new rows are not in the tables yet
+        assert_knn(index, all_ids, all_db, q, 10, n_bits)
+        assert_knn(index, all_ids, all_db, q, 300, n_bits)
+        for r in (0, 2, 3):
+            assert_radius(index, all_ids, all_db, q, r, n_bits)
+        index.save(tmp_path / "shared.fhi")
+        again = open_index(tmp_path / "shared.fhi")
+        assert_knn(again, all_ids, all_db, q, 25, n_bits)
+        assert_radius(again, all_ids, all_db, q, 2, n_bits)
+
+
+def test_mih_radius_orders_dense_and_sparse_levels(rng):
+    """A distance level made of many codes is merged into id order through a bitmap when its
+    rows are dense in their span, through a sort when they are sparse: both exact."""
+    n_bits = 32
+    base = random_codes(rng, 1, n_bits)
+    flips = np.packbits(np.eye(n_bits, dtype=bool), axis=1)
+    ring = np.concatenate([base, base ^ flips])  # the base code and its 32 neighbours at 1
+    dense = ring[rng.integers(0, ring.shape[0], 4000)]  # rows of all 33 codes interleaved
+    sparse = np.concatenate([ring, random_codes(rng, 20000, n_bits)])  # one row per code, a wide span
+    for db in (dense, sparse):
+        ids = rng.choice(10**7, db.shape[0], replace=False)
+        index = MIHIndex(n_bits, budget=float("inf"))
+        index.add(ids, db)
+        assert_radius(index, ids, db, np.concatenate([base, ring[5:7]]), 2, n_bits)
+        assert_knn(index, ids, db, np.concatenate([base, ring[5:7]]), 50, n_bits)
+
+
+# ---------------------------------------------------------------------------------------
 # input validation
 
 

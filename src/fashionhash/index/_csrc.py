@@ -29,9 +29,8 @@ typedef uint8_t u8;
 #define BIG_I 0x7fffffffffffffffLL
 #define MAXM 64
 #define PROBE_BATCH 32
-#define PREFETCH_AHEAD 8
 
-int fh_abi_version(void) { return 2; }
+int fh_abi_version(void) { return 3; }
 
 INLINE int dist_w(const u64 *a, const u64 *b, int W) {
     int d = 0;
@@ -241,8 +240,14 @@ i64 fh_scan_radius(const u64 *codes, i64 n, int W, const u8 *allowed, const u64 
     return nq;
 }
 
-/* ---- multi-index hashing (Norouzi, Punjani & Fleet 2012) -------------------------------- */
+/* ---- multi-index hashing (Norouzi, Punjani & Fleet 2012) over distinct codes ------------ */
 
+/* A trained model maps thousands of items onto one code, so the tables hold each distinct
+ * code once and every code keeps its rows (ascending, i.e. by id) in a CSR list: a bucket
+ * probe then costs one distance per code, not per item, and a k-NN query stops reading a
+ * code's rows at the first one the heap refuses.  Each table stores its codes inline, in
+ * bucket order, so checking a bucket's candidates is a sequential read, not one cache miss
+ * per candidate (skewed codes make buckets of thousands). */
 typedef struct {
     const u64 *codes;     /* (n_total, W) */
     const i64 *ids;       /* (n_total,) */
@@ -257,10 +262,14 @@ typedef struct {
     const u32 *keys;      /* sorted distinct keys of the non-direct tables, concatenated */
     const i64 *key_base;  /* (m,) */
     const i64 *nkeys;     /* (m,) -1: direct table (offsets has 2^len + 1 entries) */
-    const i32 *rows;      /* (m, n_indexed) rows grouped by key */
+    const i32 *entries;   /* (m, n_codes) code numbers grouped by substring key */
+    i64 n_codes;          /* distinct codes among the indexed rows (entries per table) */
+    const u64 *tcodes;    /* (m, n_codes, W) the code of each entry, inline */
+    const i64 *gstart;    /* (n_codes + 1,) rows of code g are grows[gstart[g] .. gstart[g+1]) */
+    const i32 *grows;     /* (n_indexed,) rows sorted by (code, row); with gstart NULL: code g is row g */
     double budget;        /* per-query work limit before falling back to a scan */
     double probe_cost;    /* cost of one bucket lookup, in scanned-row units */
-    double cand_cost;     /* cost of checking one candidate (random access), same units */
+    double cand_cost;     /* cost of checking one candidate code (random access), same units */
 } mih_t;
 
 INLINE u32 extract_key(const u64 *v, int start, int len) {
@@ -280,7 +289,9 @@ INLINE void bucket(const mih_t *t, int j, u32 key, i64 *lo, i64 *hi) {
     if (a < nk && ks[a] == key) { *lo = off[a]; *hi = off[a + 1]; } else { *lo = 0; *hi = 0; }
 }
 
-/* A row is met once per table, in table i at round s = its substring distance there.  It is
+INLINE i64 code_size(const mih_t *t, i64 g) { return t->gstart ? t->gstart[g + 1] - t->gstart[g] : 1; }
+
+/* A code is met once per table, in table i at round s = its substring distance there.  It is
  * handled only at its first meeting, i.e. when (s, i) is the smallest (substring distance,
  * table) pair over all tables; no visited set is needed. */
 INLINE int first_meeting(const mih_t *t, const u32 *qk, const u64 *c, int i, int s) {
@@ -292,6 +303,43 @@ INLINE int first_meeting(const mih_t *t, const u32 *qk, const u64 *c, int i, int
     return 1;
 }
 
+/* Offer code g's rows, all at distance d, to the k-NN heap (of rows: indexed rows are sorted
+ * by id, so row order is id order).  Rows ascend, so once one loses to the root every later
+ * one does too: a code shared by thousands of items costs k row reads, not thousands.
+ * Returns the rows read (work units). */
+INLINE i64 knn_code(const mih_t *t, heap_t *h, i64 g, i32 d) {
+    const u8 *allowed = t->allowed;
+    if (!t->gstart) {
+        if ((!allowed || allowed[g]) && (h->size < h->k || d < h->td || g < h->ti)) heap_offer(h, d, g);
+        return 1;
+    }
+    i64 p0 = t->gstart[g], end = t->gstart[g + 1], p = p0;
+    for (; p < end; ++p) {
+        i64 r = t->grows[p];
+        if (allowed && !allowed[r]) continue;
+        if (!(h->size < h->k || d < h->td || r < h->ti)) break;
+        heap_offer(h, d, r);
+    }
+    return p - p0;
+}
+
+/* Growable list of (code, distance) hits of one radius query. */
+typedef struct { i64 *g; i32 *d; i64 n, cap; } hits_t;
+
+static int hits_push(hits_t *hl, i64 g, i32 d) {
+    if (hl->n == hl->cap) {
+        i64 cap = hl->cap ? 2 * hl->cap : 256;
+        i64 *ng = realloc(hl->g, sizeof(i64) * cap);
+        if (ng) hl->g = ng;
+        i32 *nd = realloc(hl->d, sizeof(i32) * cap);
+        if (nd) hl->d = nd;
+        if (!ng || !nd) return 0;
+        hl->cap = cap;
+    }
+    hl->g[hl->n] = g; hl->d[hl->n] = d; hl->n++;
+    return 1;
+}
+
 static double binom(int n, int k) {
     if (k < 0 || k > n) return 0.0;
     double b = 1.0;
@@ -299,26 +347,23 @@ static double binom(int n, int k) {
     return b;
 }
 
-/* Estimated cost of the rounds from (s, i) on that must run before every row within
+/* Estimated cost of the rounds from (s, i) on that must run before every code within
  * `target` of the query has been met (bucket sizes as for uniformly spread codes). */
 static double cost_to_reach(const mih_t *t, int s, int i, int target) {
     double c = 0.0;
     while (t->m * s + i - 1 < target && s <= 32 && c < 1e300) {
         int L = t->len[i];
-        if (s <= L) c += binom(L, s) * (t->probe_cost + ldexp((double)t->n_indexed, -L) * t->cand_cost);
+        if (s <= L) c += binom(L, s) * (t->probe_cost + ldexp((double)t->n_codes, -L) * t->cand_cost);
         if (++i == t->m) { i = 0; ++s; }
     }
     return c;
 }
 
-/* One query.  k-NN when h != NULL, else radius search appending to (oq, od, orow).
- * Returns 1 when done, 0 when the work budget ran out (the caller scans this query
- * instead), -1 when the radius output is full. */
-static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, i32 qi, i32 *oq,
-                     i32 *od, i64 *orow, i64 *cnt, i64 cap, i64 *stats) {
+/* One query over the indexed rows.  k-NN into h when h != NULL, else radius search
+ * collecting (code, distance) hits.  Returns 1 when done, 0 when the work budget ran out
+ * (the caller scans this query instead), -1 when out of memory. */
+static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, hits_t *hl, i64 *stats) {
     const int m = t->m, W = t->W;
-    const u64 *codes = t->codes;
-    const u8 *allowed = t->allowed;
     u32 qk[MAXM];
     int maxlen = 0;
     for (int j = 0; j < m; ++j) {
@@ -328,22 +373,13 @@ static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, i32 qi
     double cost = (double)(t->n_total - t->n_indexed);
     i64 ncand = 0, nprobe = 0;
     int rc = 1;
-    if (!h) { /* radius: rows added since the build are checked directly (k-NN: caller) */
-        for (i64 r = t->n_indexed; r < t->n_total; ++r) {
-            i32 d = dist_w(q, codes + r * W, W);
-            if (d <= radius && (!allowed || allowed[r])) {
-                if (*cnt >= cap) return -1;
-                oq[*cnt] = qi; od[*cnt] = d; orow[*cnt] = r; (*cnt)++;
-            }
-        }
-    }
-    i64 met[MAXM]; /* rows met so far in each table: a table fully met means all rows seen */
+    i64 met[MAXM]; /* codes met so far in each table: a table fully met means all were seen */
     for (int j = 0; j < m; ++j) met[j] = 0;
-    if (t->n_indexed == 0) goto done;
+    if (t->n_codes == 0) goto done;
     for (int s = 0; s <= maxlen; ++s) {
         for (int i = 0; i < m; ++i) {
-            /* Rows not met yet differ in >= s+1 bits on tables < i and >= s bits on the
-             * others, so every row within m*s + i - 1 of q has been met. */
+            /* Codes not met yet differ in >= s+1 bits on tables < i and >= s bits on the
+             * others, so every code within m*s + i - 1 of q has been met. */
             int complete = m * s + i - 1;
             if (h) {
                 if (h->size == h->k && h->td <= complete) goto done;
@@ -360,20 +396,21 @@ static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, i32 qi
             }
             const int L = t->len[i];
             if (s > L) continue;
-            double occ = ldexp((double)t->n_indexed, -L), probes = binom(L, s);
-            /* more buckets than rows: a scan is cheaper whatever the budget says */
-            if (probes > (double)t->n_indexed + 64.0 ||
+            double occ = ldexp((double)t->n_codes, -L), probes = binom(L, s);
+            /* more buckets than codes: a scan is cheaper whatever the budget says */
+            if (probes > (double)t->n_codes + 64.0 ||
                 cost + probes * (t->probe_cost + occ * t->cand_cost) > t->budget) {
                 rc = 0;
                 goto done;
             }
-            const i32 *trows = t->rows + (i64)i * t->n_indexed;
+            const i32 *tent = t->entries + (i64)i * t->n_codes;
+            const u64 *tcod = t->tcodes + (i64)i * t->n_codes * W;
             const u64 limit = 1ULL << L;
             u64 mask = s == 0 ? 0 : (1ULL << s) - 1;
             int more = 1;
             while (more) {
                 /* Batches of buckets, with prefetches issued a stage ahead, so the cache
-                 * misses on offsets, row lists and codes overlap instead of queueing. */
+                 * misses on offsets and on the first codes of each bucket overlap. */
                 u32 keys[PROBE_BATCH];
                 i64 los[PROBE_BATCH], his[PROBE_BATCH];
                 int nb = 0;
@@ -389,7 +426,7 @@ static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, i32 qi
                 i64 batch = 0;
                 for (int b = 0; b < nb; ++b) {
                     bucket(t, i, keys[b], &los[b], &his[b]);
-                    __builtin_prefetch(trows + los[b]);
+                    __builtin_prefetch(tcod + los[b] * W);
                     batch += his[b] - los[b];
                 }
                 nprobe += nb;
@@ -398,34 +435,17 @@ static int mih_query(const mih_t *t, const u64 *q, heap_t *h, int radius, i32 qi
                 cost += nb * t->probe_cost + (double)batch * t->cand_cost;
                 for (int b = 0; b < nb; ++b) {
                     i64 lo = los[b], hi = his[b];
-                    for (i64 p = lo; p < hi && p < lo + PREFETCH_AHEAD; ++p)
-                        __builtin_prefetch(codes + (i64)trows[p] * W);
-                }
-                for (int b = 0; b < nb; ++b) {
-                    i64 lo = los[b], hi = his[b];
                     for (i64 p = lo; p < hi; ++p) {
-                        if (p + PREFETCH_AHEAD < hi) __builtin_prefetch(codes + (i64)trows[p + PREFETCH_AHEAD] * W);
-                        i64 r = trows[p];
-                        const u64 *c = codes + r * W;
+                        const u64 *c = tcod + p * W;
                         i32 d = dist_w(q, c, W);
-                        if (h) {
-                            /* the heap holds (distance, row): indexed rows are sorted by
-                             * id, so row order is id order and ids[] (a cache miss) is
-                             * only read for the k survivors */
-                            if (d > h->td) continue;
-                            if (allowed && !allowed[r]) continue;
-                            if (!first_meeting(t, qk, c, i, s)) continue;
-                            if (h->size < h->k || d < h->td || r < h->ti) heap_offer(h, d, r);
-                        } else {
-                            if (d > radius) continue;
-                            if (allowed && !allowed[r]) continue;
-                            if (!first_meeting(t, qk, c, i, s)) continue;
-                            if (*cnt >= cap) return -1;
-                            oq[*cnt] = qi; od[*cnt] = d; orow[*cnt] = r; (*cnt)++;
-                        }
+                        if (d > (h ? h->td : radius)) continue;
+                        if (!first_meeting(t, qk, c, i, s)) continue;
+                        i64 g = tent[p];
+                        if (h) cost += (double)knn_code(t, h, g, d);
+                        else if (!hits_push(hl, g, d)) { rc = -1; goto done; }
                     }
                 }
-                if (met[i] == t->n_indexed) goto done; /* every row has been met */
+                if (met[i] == t->n_codes) goto done; /* every code has been met */
                 if (cost > t->budget) { rc = 0; goto done; }
             }
         }
@@ -459,7 +479,7 @@ int fh_mih_knn(const mih_t *t, const u64 *queries, i64 nq, int k, i32 fill_d, i3
         i64 *oi = out_i + q * k;
         heap_t h;
         heap_init(&h, has_delta ? md : od, has_delta ? mi : oi, k);
-        int rc = mih_query(t, qv, &h, 0, (i32)q, NULL, NULL, NULL, NULL, 0, stats);
+        int rc = mih_query(t, qv, &h, 0, NULL, stats);
         fallback[q] = rc == 0;
         if (rc != 1) continue;
         heap_finish(&h, fill_d);
@@ -485,23 +505,139 @@ int fh_mih_knn(const mih_t *t, const u64 *queries, i64 nq, int k, i32 fill_d, i3
     return 0;
 }
 
-/* Radius search: appends (query, distance, row) triples, unsorted.  Returns how many
- * queries were completed (< nq when the output filled up: call again from there with more
- * room); *out_cnt receives the number of triples. */
-i64 fh_mih_radius(const mih_t *t, const u64 *queries, i64 nq, int radius, i32 *out_q,
-                  i32 *out_d, i64 *out_row, i64 cap, i64 *out_cnt, u8 *fallback, i64 *stats) {
-    if (t->m > MAXM) return -2;
-    i64 cnt = 0;
-    for (i64 q = 0; q < nq; ++q) {
-        i64 start = cnt;
-        int rc = mih_query(t, queries + q * t->W, NULL, radius, (i32)q, out_q, out_d, out_row,
-                           &cnt, cap, stats);
-        if (rc == -1) { *out_cnt = start; return q; }
-        fallback[q] = rc == 0;
-        if (rc == 0) cnt = start;
+typedef struct { i32 d; i64 id; } did_t;
+
+static int cmp_i32(const void *a, const void *b) {
+    i32 x = *(const i32 *)a, y = *(const i32 *)b;
+    return (x > y) - (x < y);
+}
+
+static int cmp_did(const void *a, const void *b) {
+    const did_t *x = a, *y = b;
+    if (x->d != y->d) return (x->d > y->d) - (x->d < y->d);
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Scratch of one fh_mih_radius call (one thread), grown on demand. */
+typedef struct {
+    hits_t hits;
+    i64 *order; i64 order_cap;      /* hit codes sorted by distance */
+    i32 *lrows; i64 lrows_cap;      /* the rows of one distance level */
+    u64 *bits;                      /* (n_indexed / 64 + 1) bitmap, kept all-zero between uses */
+    did_t *tail;                    /* hits among rows added since the build */
+} rscratch_t;
+
+static int grow(void **p, i64 *cap, i64 need, size_t elem) {
+    if (need <= *cap) return 1;
+    i64 c = need > 2 * *cap ? need : 2 * *cap;
+    void *np_ = realloc(*p, elem * (size_t)c);
+    if (!np_) return 0;
+    *p = np_; *cap = c;
+    return 1;
+}
+
+/* Sort one level's rows ascending: a bitmap pass when they are dense in their span (the
+ * usual case for the big shared codes: no comparisons at all), qsort otherwise. */
+static int sort_rows(rscratch_t *sc, i64 n_bits_needed, i32 *rows, i64 n) {
+    if (n < 2) return 1;
+    i32 lo = rows[0], hi = rows[0];
+    for (i64 j = 1; j < n; ++j) { if (rows[j] < lo) lo = rows[j]; if (rows[j] > hi) hi = rows[j]; }
+    i64 w0 = lo >> 6, w1 = hi >> 6;
+    if (w1 - w0 + 1 > 4 * n) { qsort(rows, (size_t)n, sizeof(i32), cmp_i32); return 1; }
+    if (!sc->bits) {
+        sc->bits = calloc((size_t)(n_bits_needed / 64 + 1), sizeof(u64));
+        if (!sc->bits) return 0;
     }
-    *out_cnt = cnt;
-    return nq;
+    u64 *bits = sc->bits;
+    for (i64 j = 0; j < n; ++j) bits[rows[j] >> 6] |= 1ULL << (rows[j] & 63);
+    i64 o = 0;
+    for (i64 w = w0; w <= w1; ++w) {
+        u64 x = bits[w];
+        if (!x) continue;
+        bits[w] = 0;
+        while (x) { rows[o++] = (i32)((w << 6) + __builtin_ctzll(x)); x &= x - 1; }
+    }
+    return 1;
+}
+
+/* Radius search with sorted output: for each query, its hits in (distance, id) order are
+ * appended to out_d / out_id and their number written to out_n[q].  Returns how many
+ * queries were completed: fewer than nq when the next query's hits (at most *need) do not
+ * fit in cap (call again from there with more room), -1 when out of memory.  fallback[q] = 1
+ * marks queries that ran out of budget (no hits written; the caller scans them). */
+i64 fh_mih_radius(const mih_t *t, const u64 *queries, i64 nq, int radius, i64 *out_n, i32 *out_d,
+                  i64 *out_id, i64 cap, i64 *need, u8 *fallback, i64 *stats) {
+    if (t->m > MAXM) return -2;
+    const int W = t->W;
+    const i64 *ids = t->ids;
+    const u8 *allowed = t->allowed;
+    const i64 n_tail = t->n_total - t->n_indexed;
+    rscratch_t sc;
+    memset(&sc, 0, sizeof sc);
+    i64 *level = malloc(sizeof(i64) * (size_t)(radius + 2));
+    if (n_tail) sc.tail = malloc(sizeof(did_t) * (size_t)n_tail);
+    i64 used = 0, q = 0, ret = -1;
+    *need = 0;
+    if (!level || (n_tail && !sc.tail)) goto out;
+    for (; q < nq; ++q) {
+        const u64 *qv = queries + q * W;
+        sc.hits.n = 0;
+        i64 qstats[3] = {0, 0, 0}; /* added to stats once this query's hits are written */
+        int rc = mih_query(t, qv, NULL, radius, &sc.hits, qstats);
+        if (rc < 0) goto out;
+        fallback[q] = rc == 0;
+        out_n[q] = 0;
+        if (rc == 0) { for (int j = 0; j < 3; ++j) stats[j] += qstats[j]; continue; }
+        i64 nt = 0;
+        for (i64 r = t->n_indexed; r < t->n_total; ++r) {
+            i32 d = dist_w(qv, t->codes + r * W, W);
+            if (d <= radius && (!allowed || allowed[r])) { sc.tail[nt].d = d; sc.tail[nt].id = ids[r]; nt++; }
+        }
+        if (nt > 1) qsort(sc.tail, (size_t)nt, sizeof(did_t), cmp_did);
+        const i64 nh = sc.hits.n;
+        i64 bound = nt;
+        for (i64 j = 0; j < nh; ++j) bound += code_size(t, sc.hits.g[j]);
+        if (used + bound > cap) { *need = bound; break; }
+        /* counting sort of the hit codes by distance */
+        if (!grow((void **)&sc.order, &sc.order_cap, nh, sizeof(i64))) goto out;
+        for (int lv = 0; lv <= radius + 1; ++lv) level[lv] = 0;
+        for (i64 j = 0; j < nh; ++j) level[sc.hits.d[j] + 1]++;
+        for (int lv = 0; lv <= radius; ++lv) level[lv + 1] += level[lv];
+        for (i64 j = 0; j < nh; ++j) sc.order[level[sc.hits.d[j]]++] = sc.hits.g[j];
+        /* level[lv] is now the end of level lv, so level lv spans [lv ? level[lv-1] : 0, level[lv]) */
+        i64 pos = used, ti = 0, h0 = 0;
+        for (int lv = 0; lv <= radius; ++lv) {
+            i64 h1 = level[lv], nr = 0;
+            i64 rows_here = 0;
+            for (i64 j = h0; j < h1; ++j) rows_here += code_size(t, sc.order[j]);
+            if (!grow((void **)&sc.lrows, &sc.lrows_cap, rows_here, sizeof(i32))) goto out;
+            for (i64 j = h0; j < h1; ++j) {
+                i64 g = sc.order[j];
+                if (!t->gstart) { if (!allowed || allowed[g]) sc.lrows[nr++] = (i32)g; continue; }
+                for (i64 p = t->gstart[g]; p < t->gstart[g + 1]; ++p) {
+                    i32 r = t->grows[p];
+                    if (!allowed || allowed[r]) sc.lrows[nr++] = r;
+                }
+            }
+            if (h1 - h0 > 1 && !sort_rows(&sc, t->n_indexed, sc.lrows, nr)) goto out;
+            h0 = h1;
+            /* merge the level's indexed rows (row order = id order) with its tail hits */
+            i64 a = 0;
+            while (a < nr || (ti < nt && sc.tail[ti].d == lv)) {
+                i64 id;
+                if (a < nr && !(ti < nt && sc.tail[ti].d == lv && sc.tail[ti].id < ids[sc.lrows[a]])) id = ids[sc.lrows[a++]];
+                else id = sc.tail[ti++].id;
+                out_d[pos] = lv; out_id[pos] = id; pos++;
+            }
+        }
+        out_n[q] = pos - used;
+        used = pos;
+        for (int j = 0; j < 3; ++j) stats[j] += qstats[j];
+    }
+    ret = q;
+out:
+    free(level); free(sc.hits.g); free(sc.hits.d); free(sc.order); free(sc.lrows); free(sc.bits); free(sc.tail);
+    return ret;
 }
 
 /* Counting sort of one table: keys (n,) < 2^len -> offsets (2^len + 1), rows (n).

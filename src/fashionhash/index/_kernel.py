@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 PAD_DISTANCE = np.iinfo(np.int32).max
 """Distance reported next to id -1 when fewer than k items qualify."""
 
-_ABI_VERSION = 2
+RadiusList = list[tuple[np.ndarray, np.ndarray]]
+
+_ABI_VERSION = 3
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -123,7 +125,7 @@ class _MIHStruct(ctypes.Structure):
         ("start", _P), ("len", _P),
         ("offsets", _P), ("off_base", _P),
         ("keys", _P), ("key_base", _P), ("nkeys", _P),
-        ("rows", _P),
+        ("entries", _P), ("n_codes", _I64), ("tcodes", _P), ("gstart", _P), ("grows", _P),
         ("budget", _DBL), ("probe_cost", _DBL), ("cand_cost", _DBL),
     ]  # fmt: skip
 
@@ -371,15 +373,59 @@ def scan_radius(words, allowed, queries, radius: int):
 
 
 @dataclass
+class CodeGroups:
+    """The rows behind each of the ``n`` distinct codes among rows ``[0, n_rows)``.
+
+    Code ``g``'s rows are ``rows[start[g]:start[g + 1]]``, ascending. When every row has its
+    own code, ``start`` and ``rows`` are None and code ``g`` is row ``g``.
+    """
+
+    n_rows: int
+    n: int
+    start: np.ndarray | None  # (n + 1,) int64
+    rows: np.ndarray | None  # (n_rows,) int32
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.start is None else int(self.start.nbytes + self.rows.nbytes)
+
+    def rows_of(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codes ``(c,)`` -> (their rows concatenated, the position in ``g`` of each row)."""
+        if self.start is None:
+            return g.astype(np.int64), np.arange(g.shape[0])
+        lo, hi = self.start[g], self.start[g + 1]
+        return self.rows[_ranges(lo, hi)].astype(np.int64), np.repeat(np.arange(g.shape[0]), hi - lo)
+
+
+def group_codes(words: np.ndarray, n_rows: int) -> tuple[np.ndarray, CodeGroups]:
+    """Group rows ``[0, n_rows)`` of ``(n, W)`` words by code -> (the distinct codes
+    ``(n_codes, W)`` (a view of ``words`` when all differ), their groups)."""
+    if n_rows >= 2**31:
+        raise ValueError("MIH tables hold int32 row numbers: at most 2^31 - 1 rows")
+    w = words[:n_rows]
+    order = np.lexsort(w.T[::-1]) if w.shape[1] > 1 else np.argsort(w[:, 0], kind="stable")
+    sorted_w = w[order]
+    new = np.ones(n_rows, dtype=bool)
+    new[1:] = np.any(sorted_w[1:] != sorted_w[:-1], axis=1)
+    first = np.flatnonzero(new)
+    if first.shape[0] == n_rows:
+        return w, CodeGroups(n_rows, n_rows, None, None)
+    start = np.append(first, n_rows).astype(np.int64)
+    return sorted_w[first], CodeGroups(n_rows, first.shape[0], start, order.astype(np.int32))
+
+
+@dataclass
 class MIHTables:
-    """Compact hash tables over rows ``[0, n_indexed)``: one per substring, CSR layout.
+    """Compact hash tables over the distinct codes of rows ``[0, n_indexed)``: one per
+    substring, CSR layout.
 
     Substring ``j`` is bits ``[start[j], start[j] + length[j])`` of the flattened words.
     Direct tables (``nkeys[j] == -1``) index offsets by key (``2^len + 1`` entries);
-    others keep sorted distinct keys and are binary searched.
+    others keep sorted distinct keys and are binary searched. Each table also stores the
+    codes of its entries in bucket order, so a bucket's candidates are read sequentially.
     """
 
-    n_indexed: int
+    groups: CodeGroups
     start: np.ndarray  # (m,) int32
     length: np.ndarray  # (m,) int32
     offsets: np.ndarray  # concatenated uint32
@@ -387,18 +433,28 @@ class MIHTables:
     keys: np.ndarray  # concatenated uint32
     key_base: np.ndarray  # (m,) int64
     nkeys: np.ndarray  # (m,) int64
-    rows: np.ndarray  # (m, n_indexed) int32
+    entries: np.ndarray  # (m, n_codes) int32 code numbers
+    codes: np.ndarray  # (m, n_codes, W) uint64: the code of each entry, inline
 
     @property
     def m(self) -> int:
         return int(self.start.shape[0])
 
     @property
+    def n_indexed(self) -> int:
+        return self.groups.n_rows
+
+    @property
+    def n_codes(self) -> int:
+        return self.groups.n
+
+    @property
     def nbytes(self) -> int:
-        return int(self.offsets.nbytes + self.keys.nbytes + self.rows.nbytes)
+        parts = (self.offsets, self.keys, self.entries, self.codes)
+        return int(sum(a.nbytes for a in parts) + self.groups.nbytes)
 
     def lookup(self, j: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket bounds ``(lo, hi)`` into ``rows[j]`` for an array of keys."""
+        """Bucket bounds ``(lo, hi)`` into ``entries[j]`` for an array of keys."""
         ob = int(self.off_base[j])
         nk = int(self.nkeys[j])
         if nk < 0:
@@ -431,33 +487,32 @@ def substring_layout(n_bytes_: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return start, length
 
 
-def build_tables(words: np.ndarray, n_indexed: int, n_bytes_: int, m: int) -> MIHTables:
-    """Hash rows ``[0, n_indexed)`` of ``(n, W)`` words into ``m`` substring tables."""
-    if n_indexed >= 2**31:
-        raise ValueError("MIH tables hold int32 row numbers: at most 2^31 - 1 rows")
+def build_tables(codes: np.ndarray, groups: CodeGroups, n_bytes_: int, m: int) -> MIHTables:
+    """Hash the distinct codes ``(n_codes, W)`` words of ``groups`` into ``m`` substring tables."""
     start, length = substring_layout(n_bytes_, m)
     lib = _get_lib()
-    offsets, keys_all, rows = [], [], np.empty((m, n_indexed), dtype=np.int32)
+    n = groups.n
+    offsets, keys_all, entries = [], [], np.empty((m, n), dtype=np.int32)
     off_base, key_base, nkeys = np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64)
     o_pos = k_pos = 0
     for j in range(m):
-        keys = extract_keys(words[:n_indexed], int(start[j]), int(length[j]))
+        keys = extract_keys(codes, int(start[j]), int(length[j]))
         L = int(length[j])
-        # Direct addressing while the offsets array stays within a few entries per row.
-        direct = L <= 24 and (1 << L) <= 8 * max(n_indexed, 1 << 12)
+        # Direct addressing while the offsets array stays within a few entries per code.
+        direct = L <= 24 and (1 << L) <= 8 * max(n, 1 << 12)
         if direct:
             off = np.zeros((1 << L) + 1, dtype=np.uint32)
-            if lib is not None and n_indexed:
-                lib.fh_mih_build_direct(_ptr(keys), n_indexed, L, _ptr(off), _ptr(rows[j]))
+            if lib is not None and n:
+                lib.fh_mih_build_direct(_ptr(keys), n, L, _ptr(off), _ptr(entries[j]))
             else:
                 np.cumsum(np.bincount(keys, minlength=1 << L), out=off[1:])
-                rows[j] = np.argsort(keys, kind="stable")
+                entries[j] = np.argsort(keys, kind="stable")
             nkeys[j] = -1
         else:
             order = np.argsort(keys, kind="stable")
-            rows[j] = order
+            entries[j] = order
             uniq, first = np.unique(keys[order], return_index=True)
-            off = np.append(first, n_indexed).astype(np.uint32)
+            off = np.append(first, n).astype(np.uint32)
             keys_all.append(uniq.astype(np.uint32))
             key_base[j] = k_pos
             k_pos += uniq.shape[0]
@@ -466,7 +521,7 @@ def build_tables(words: np.ndarray, n_indexed: int, n_bytes_: int, m: int) -> MI
         off_base[j] = o_pos
         o_pos += off.shape[0]
     return MIHTables(
-        n_indexed=n_indexed,
+        groups=groups,
         start=start,
         length=length,
         offsets=np.concatenate(offsets),
@@ -474,7 +529,8 @@ def build_tables(words: np.ndarray, n_indexed: int, n_bytes_: int, m: int) -> MI
         keys=np.concatenate(keys_all) if keys_all else np.zeros(1, np.uint32),
         key_base=key_base,
         nkeys=nkeys,
-        rows=rows,
+        entries=entries,
+        codes=np.ascontiguousarray(codes[entries]),
     )
 
 
@@ -488,10 +544,12 @@ class MIHCost:
 
 
 def _mih_struct(t: MIHTables, words, ids, mask, n_total: int, cost: MIHCost) -> _MIHStruct:
+    g = t.groups
     return _MIHStruct(
         _ptr(words), _ptr(ids), _ptr(mask), t.n_indexed, n_total, words.shape[1], t.m,
         _ptr(t.start), _ptr(t.length), _ptr(t.offsets), _ptr(t.off_base), _ptr(t.keys),
-        _ptr(t.key_base), _ptr(t.nkeys), _ptr(t.rows), cost.budget, cost.probe_cost, cost.cand_cost,
+        _ptr(t.key_base), _ptr(t.nkeys), _ptr(t.entries), g.n, _ptr(t.codes), _ptr(g.start), _ptr(g.rows),
+        cost.budget, cost.probe_cost, cost.cand_cost,
     )  # fmt: skip
 
 
@@ -530,7 +588,7 @@ def _cost_to_reach(t: MIHTables, cost: MIHCost, s: int, i: int, target: int) -> 
     while m * s + i - 1 < target and s <= 32 and c < 1e300:
         L = int(t.length[i])
         if s <= L:
-            c += math.comb(L, s) * (cost.probe_cost + t.n_indexed / float(1 << L) * cost.cand_cost)
+            c += math.comb(L, s) * (cost.probe_cost + t.n_codes / float(1 << L) * cost.cand_cost)
         i += 1
         if i == m:
             i, s = 0, s + 1
@@ -538,9 +596,10 @@ def _cost_to_reach(t: MIHTables, cost: MIHCost, s: int, i: int, target: int) -> 
 
 
 def _mih_query_numpy(t: MIHTables, words, ids, mask, n_total, q, k, radius, cost: MIHCost, stats):
-    """numpy twin of ``mih_query`` in the C source: returns (distances, rows) of the k best
-    (k-NN, sorted by (distance, id)) or of all rows within ``radius`` (unsorted), or None
-    when the budget runs out."""
+    """numpy twin of ``mih_query`` in the C source over the indexed rows: returns
+    (distances, rows) of the k best (k-NN, sorted by (distance, id)) or of all rows within
+    ``radius`` (unsorted), or None when the budget runs out. Every row of a code within
+    reach is read (the C code stops at the first one the heap refuses: same answer)."""
     m, knn = t.m, k is not None
     qk = [_extract_one(q, int(t.start[j]), int(t.length[j])) for j in range(m)]
     best_d = np.empty(0, np.int32)
@@ -560,16 +619,9 @@ def _mih_query_numpy(t: MIHTables, words, ids, mask, n_total, q, k, radius, cost
         return radius
 
     spent = float(n_total - t.n_indexed)
-    if n_total > t.n_indexed:
-        rows = np.arange(t.n_indexed, n_total)
-        d = _popcount_rows(words[rows] ^ q)
-        ok = d <= threshold()
-        if mask is not None:
-            ok &= mask[rows].astype(bool)
-        merge(d[ok], rows[ok])
-    if t.n_indexed == 0:
+    if t.n_codes == 0:
         return best_d, best_r
-    met = [0] * m  # rows met per table: a fully met table means every row was seen
+    met = [0] * m  # codes met per table: a fully met table means every code was seen
     for s in range(int(t.length.max()) + 1):
         for i in range(m):
             complete = m * s + i - 1
@@ -585,9 +637,9 @@ def _mih_query_numpy(t: MIHTables, words, ids, mask, n_total, q, k, radius, cost
             L = int(t.length[i])
             if s > L:
                 continue
-            occ = t.n_indexed / float(1 << L)
+            occ = t.n_codes / float(1 << L)
             probes = math.comb(L, s)
-            if probes > t.n_indexed + 64 or spent + probes * (cost.probe_cost + occ * cost.cand_cost) > cost.budget:
+            if probes > t.n_codes + 64 or spent + probes * (cost.probe_cost + occ * cost.cand_cost) > cost.budget:
                 return None
             flips = _flip_masks(L, s)
             if flips is None:
@@ -596,20 +648,24 @@ def _mih_query_numpy(t: MIHTables, words, ids, mask, n_total, q, k, radius, cost
             spent += flips.shape[0] * cost.probe_cost + float((hi - lo).sum()) * cost.cand_cost
             stats[0] += int((hi - lo).sum())
             stats[1] += flips.shape[0]
-            rows = t.rows[i][_ranges(lo, hi)].astype(np.int64)
-            cw = words[rows]
+            at = _ranges(lo, hi)
+            g = t.entries[i][at].astype(np.int64)
+            cw = t.codes[i][at]
             d = _popcount_rows(cw ^ q)
             ok = d <= threshold()
-            if mask is not None:
-                ok &= mask[rows].astype(bool)
-            for j in range(m):  # keep a row only at its first meeting (see the C source)
+            for j in range(m):  # keep a code only at its first meeting (see the C source)
                 if j == i:
                     continue
                 sd = np.bitwise_count(extract_keys(cw, int(t.start[j]), int(t.length[j])) ^ np.uint32(qk[j]))
                 ok &= (sd > s) if j < i else (sd >= s)
-            merge(d[ok], rows[ok])
-            met[i] += rows.shape[0]
-            if met[i] == t.n_indexed:
+            rows, which = t.groups.rows_of(g[ok])
+            d = d[ok][which]
+            if mask is not None:
+                keep = mask[rows].astype(bool)
+                rows, d = rows[keep], d[keep]
+            merge(d, rows)
+            met[i] += g.shape[0]
+            if met[i] == t.n_codes:
                 return best_d, best_r
             if spent > cost.budget:
                 return None
@@ -649,50 +705,60 @@ def mih_knn(t: MIHTables, words, ids, allowed, n_total: int, queries, k: int, co
             fallback[qi] = 1
             continue
         d, rows = res
+        if n_total > t.n_indexed:  # rows added since the build
+            tail = np.arange(t.n_indexed, n_total)
+            td = _popcount_rows(words[tail] ^ queries[qi])
+            if mask is not None:
+                tail, td = tail[mask[tail].astype(bool)], td[mask[tail].astype(bool)]
+            d, rows = np.concatenate([d, td]), np.concatenate([rows, tail])
+            order = np.lexsort((ids[rows], d))[:k]
+            d, rows = d[order], rows[order]
         out_d[qi, : d.shape[0]] = d
         out_i[qi, : d.shape[0]] = ids[rows]
     stats[2] = int(fallback.sum())
     return out_d, out_i, fallback.astype(bool), stats
 
 
+def _mih_radius_c(lib, st, queries, radius: int, fallback, a: int, b: int):
+    """C radius search of queries [a, b) -> ([(per-query counts, distances, ids)], stats),
+    each query's hits already in (distance, id) order."""
+    parts, q, cap = [], a, max(1 << 16, 256 * (b - a))
+    local = np.zeros(3, dtype=np.int64)
+    while q < b:
+        counts = np.zeros(b - q, np.int64)
+        out_d = np.empty(cap, np.int32)
+        out_id = np.empty(cap, np.int64)
+        need = np.zeros(1, np.int64)
+        done = lib.fh_mih_radius(ctypes.byref(st), _ptr(queries[q:b]), b - q, radius, _ptr(counts), _ptr(out_d),
+                                 _ptr(out_id), cap, _ptr(need), _ptr(fallback[q:b]), _ptr(local))  # fmt: skip
+        if done < 0:
+            raise MemoryError("the MIH radius kernel could not allocate its scratch memory")
+        used = int(counts[:done].sum())
+        parts.append((counts[:done], out_d[:used], out_id[:used]))
+        q += int(done)
+        if q < b:  # the next query's hits did not fit: room for it, and for the rest at this rate
+            cap = max(cap, 2 * int(need[0]), int(1.25 * used / max(done, 1) * (b - q)))
+    return parts, local
+
+
 def mih_radius(t: MIHTables, words, ids, allowed, n_total: int, queries, radius: int, cost: MIHCost):
-    """MIH radius search -> (query, distance, row) triples (unsorted), fallback ``(Q,)``
-    bool, stats. Fallback queries contribute no triples."""
+    """MIH radius search -> (per query (distances, ids) in (distance, id) order, fallback
+    ``(Q,)`` bool, stats). Fallback queries get empty results: the caller scans them."""
     nq = queries.shape[0]
     fallback = np.zeros(nq, dtype=np.uint8)
     stats = np.zeros(3, dtype=np.int64)
     if nq == 0:
-        return _empty_triples(), fallback.astype(bool), stats
+        return [], fallback.astype(bool), stats
     mask = _as_mask(allowed, n_total)
     lib = _get_lib()
     if lib is not None:
         st = _mih_struct(t, words, ids, mask, n_total, cost)
-
-        def run(a, b):
-            local = np.zeros(3, dtype=np.int64)
-            parts = []
-            cap = max(4096, 64 * (b - a))
-            q = a
-            while q < b:
-                oq = np.empty(cap, np.int32)
-                od = np.empty(cap, np.int32)
-                orow = np.empty(cap, np.int64)
-                cnt = np.zeros(1, np.int64)
-                done = lib.fh_mih_radius(ctypes.byref(st), _ptr(queries[q:b]), b - q, radius, _ptr(oq),
-                                         _ptr(od), _ptr(orow), cap, _ptr(cnt), _ptr(fallback[q:b]),
-                                         _ptr(local))  # fmt: skip
-                c = int(cnt[0])
-                parts.append((oq[:c].astype(np.int64) + q, od[:c], orow[:c]))
-                if done == 0:
-                    cap *= 4  # a single query needs more room
-                q += int(done)
-            return parts, local
-
-        triples = []
-        for parts, local in _map_chunks(run, nq):
-            triples.extend(parts)
+        out: RadiusList = []
+        for parts, local in _map_chunks(lambda a, b: _mih_radius_c(lib, st, queries, radius, fallback, a, b), nq):
             stats += local
-        out = tuple(np.concatenate([p[i] for p in triples]) for i in range(3))
+            for counts, d, found in parts:
+                bounds = np.concatenate([[0], np.cumsum(counts)])
+                out += [(d[lo:hi], found[lo:hi]) for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
         return out, fallback.astype(bool), stats
     qs, ds, rs = [], [], []
     for qi in range(nq):
@@ -705,6 +771,12 @@ def mih_radius(t: MIHTables, words, ids, allowed, n_total: int, queries, radius:
         ds.append(d.astype(np.int32))
         rs.append(rows)
     stats[2] = int(fallback.sum())
-    if not qs:
-        return _empty_triples(), fallback.astype(bool), stats
-    return (np.concatenate(qs), np.concatenate(ds), np.concatenate(rs)), fallback.astype(bool), stats
+    if n_total > t.n_indexed:  # rows added since the build, for the queries answered here
+        done = np.flatnonzero(~fallback.astype(bool))
+        qi, d, rows = scan_radius(words[t.n_indexed : n_total], None if mask is None else mask[t.n_indexed :],
+                                  queries[done], radius)  # fmt: skip
+        qs.append(done[qi])
+        ds.append(d)
+        rs.append(rows + t.n_indexed)
+    triples = (np.concatenate(qs), np.concatenate(ds), np.concatenate(rs)) if qs else _empty_triples()
+    return group_radius(nq, *triples, ids), fallback.astype(bool), stats

@@ -9,9 +9,15 @@ substring radius ``s`` on tables ``0..i`` (and ``s - 1`` on the rest) every code
 ``m*s + i`` of the query has been seen, which gives the exact stopping rule for k-NN (stop
 once the k-th best distance is within that bound) and for radius search.
 
-Tables are CSR arrays (rows grouped by substring value, one offsets array per table), not
-Python dicts: 4 bytes per item per table plus the offsets. Rows added since the last build
-are scanned linearly until the next rebuild.
+The tables hold *distinct codes*, not items: a trained model gives thousands of items one
+code (each clothing type collapses onto a few codes), and probing a bucket then costs one
+distance per code. Each code keeps its rows in ascending order (= id order), so k-NN reads
+a shared code's rows only until the heap refuses one (ties are ordered by id), and radius
+search emits them already sorted (a bitmap pass merges a level's codes), with no sort of
+the whole answer. Tables are CSR arrays (codes grouped by substring value, one offsets
+array per table), not Python dicts: 4 bytes per distinct code per table plus the offsets,
+and, when codes repeat, the distinct codes (8 B each) and a row list (4 B per item). Rows
+added since the last build are scanned linearly until the next rebuild.
 
 Each query carries a work budget (in units of one row of a linear scan). Far-away queries,
 e.g. on uniformly random codes, would need to enumerate huge numbers of buckets; when the
@@ -37,11 +43,12 @@ class MIHIndex(LocalIndex):
 
     Options:
         m: number of substrings (tables); default ``round(n_bits / log2(N))`` at build time,
-            the choice the MIH paper recommends (substrings about ``log2 N`` bits long).
+            N the number of distinct codes, the choice the MIH paper recommends (substrings
+            about ``log2 N`` bits long).
         budget: per-query work limit as a fraction of a full scan before falling back
             (``float("inf")`` never falls back).
-        probe_cost, cand_cost: cost of a bucket probe and of checking one candidate, in
-            units of one scanned row (random accesses cost more than a streaming scan).
+        probe_cost, cand_cost: cost of a bucket probe (random access) and of checking one
+            candidate code (read in sequence from the table), in units of one scanned row.
     """
 
     name = "mih"
@@ -55,7 +62,7 @@ class MIHIndex(LocalIndex):
         m: int | None = None,
         budget: float = 0.5,
         probe_cost: float = 30.0,
-        cand_cost: float = 20.0,
+        cand_cost: float = 2.0,
     ) -> None:
         super().__init__(n_bits)
         if m is not None:
@@ -100,9 +107,10 @@ class MIHIndex(LocalIndex):
         if delta > max(self._DELTA_MIN, self._DELTA_FRACTION * self._n_main):
             self._consolidate()  # resets the tables
         if self._tables is None:
-            m = self._m or self.auto_m(self._n_main)
-            self._tables = _kernel.build_tables(self.words, self._n_main, self.n_bytes, m)
-            log.debug("built %d MIH tables over %d rows", m, self._n_main)
+            codes, groups = _kernel.group_codes(self.words, self._n_main)
+            m = self._m or self.auto_m(groups.n)
+            self._tables = _kernel.build_tables(codes, groups, self.n_bytes, m)
+            log.debug("built %d MIH tables over %d distinct codes of %d rows", m, groups.n, self._n_main)
 
     def build(self) -> None:
         """Build the tables now (otherwise the first search does)."""
@@ -134,15 +142,16 @@ class MIHIndex(LocalIndex):
         return d, i
 
     def _radius(self, q: np.ndarray, radius: int, mask: np.ndarray | None) -> RadiusResult:
-        (qi, d, rows), fallback, stats = _kernel.mih_radius(
+        out, fallback, stats = _kernel.mih_radius(
             self._tables, self.words, self.row_ids, mask, self._n, q, radius, self._cost()
         )
         self._record(q.shape[0], stats)
         if fallback.any():
             fb = np.flatnonzero(fallback)
-            qi2, d2, rows2 = _kernel.scan_radius(self.words, mask, q[fb], radius)
-            qi, d, rows = np.concatenate([qi, fb[qi2]]), np.concatenate([d, d2]), np.concatenate([rows, rows2])
-        return _kernel.group_radius(q.shape[0], qi, d, rows, self.row_ids)
+            qi, d, rows = _kernel.scan_radius(self.words, mask, q[fb], radius)
+            for j, res in zip(fb, _kernel.group_radius(fb.shape[0], qi, d, rows, self.row_ids)):
+                out[j] = res
+        return out
 
     def memory_usage(self) -> dict[str, int]:
         out = super().memory_usage()
