@@ -30,6 +30,9 @@ class DataConfig:
     n_views: int = 1  # augmented views per training item (item-level positives)
     n_damaged: int = 1000  # damaged query copies for the same-product evaluation
     augment_strength: float = 1.0
+    # shrink an uploaded photo larger than the catalogue's photos to their size before
+    # encoding: a sharp phone photo then looks like the thumbnails the index was made from
+    query_shrink: bool = True
 
 
 @dataclass
@@ -82,6 +85,8 @@ class DescriptorConfig:
     learn_items: int = 10000  # training photos whose views it sees
     learn_views: int = 2  # augmented views per photo (besides the photo itself)
     learn_tau: float = 0.05
+    # Adam; on val (80 epochs, one view) top-1 0.620 at 1e-3, 0.656 at 3e-3, 0.666 at 1e-2, 0.672 at 3e-2
+    learn_lr: float = 0.02
 
 
 @dataclass

@@ -359,11 +359,20 @@ def remove_photo(index_path: str | os.PathLike, image_path: str | None) -> None:
 
 
 def _decode_upload(run: "Run", data: bytes):
+    """An uploaded photo as a PIL image, shrunk to the catalogue's photo size when it is
+    larger and ``data.query_shrink`` is on (the run records that size in meta.json)."""
+    from PIL import Image
+
     from fashionhash.data.transforms import load_image
 
     # decode once here so a bad photo raises ImageError with its reason; JPEG draft mode
     # decodes big photos straight to about the model's size (faster, less memory)
-    return load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
+    img = load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
+    size = run.meta.get("photo_size")
+    if run.cfg.data.query_shrink and size and (img.width > size[0] or img.height > size[1]):
+        img = img.copy()
+        img.thumbnail(tuple(size), Image.LANCZOS)  # keeps the aspect ratio, never enlarges
+    return img
 
 
 def _encoded(ok: np.ndarray) -> None:

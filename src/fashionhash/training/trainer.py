@@ -248,6 +248,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
             "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "threads": threads, "world_size": info.world,
             "attr_keys": list(labels.attr_keys), "attr_sizes": labels.attr_sizes(),
+            "photo_size": cat.photo_size(),  # what uploaded photos are shrunk to (data.query_shrink)
         }
         meta_path.write_text(json.dumps(meta, indent=1))
 
