@@ -50,7 +50,10 @@ def run_config(d: Data, label: str, bits: int, seed: int, lr: float) -> Config:
     # the table runs must not change half of its runs
     return load_config(None, [
         f"method.name={method}", *overrides, f"model.n_bits={bits}", f"train.seed={seed}",
-        f"train.epochs={d.plan.max_epochs}", f"train.patience={d.plan.patience}", f"train.lr={lr}"],
+        f"train.epochs={d.plan.max_epochs}", f"train.patience={d.plan.patience}", f"train.lr={lr}",
+        # one torch thread per run, in this process or side by side in children: the train
+        # seconds of every row are measured the same way
+        "train.threads=1"],
         base=d.cfg.to_dict())
 
 
@@ -90,7 +93,7 @@ def _train_child(run_dir: Path, evaluate: bool) -> None:
     log_path = run_dir / "table_train.log"
     with open(log_path, "w") as log_file:
         rc = subprocess.call([sys.executable, "-m", "fashionhash", "train", "--run-dir", str(run_dir),
-                              "--resume", "--quiet", "train.threads=1", *(["--evaluate"] if evaluate else [])],
+                              "--resume", "--quiet", *(["--evaluate"] if evaluate else [])],
                              stdout=log_file, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
