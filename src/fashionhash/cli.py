@@ -560,7 +560,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def _cmd_encode_batch(args) -> int:
     from fashionhash.distributed import encode_folder_distributed
-    from fashionhash.encoding import index_encoded, merge_chunks
+    from fashionhash.encoding import merge_chunks
+    from fashionhash.index.build import index_encoded
     from fashionhash.pipeline import load_run
 
     if args.images or (args.folder and args.manifest):
