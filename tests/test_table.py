@@ -90,3 +90,24 @@ def test_table_goes_into_a_page_in_another_folder(tmp_path):
     assert "old" not in text and "\n### Product photos\n" in text and "# Results table" not in text
     assert "![pr](../benchmarks/results/pr_kaggle.png)" in text
     assert text.startswith("# R\n\n## Peers\n\n<!-- table:start -->\n`cmd`") and text.endswith("-->\n\nreading\n")
+
+
+def test_a_diverged_lr_candidate_counts_as_trained_and_is_never_chosen(tmp_path):
+    from fashionhash.config import load_config
+    from fashionhash.table.runs import _trained, best_val
+
+    cfg = load_config(None, ["train.epochs=10", "train.patience=2"])
+
+    def run(name, *records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    def epoch(e, score, best):
+        return {"event": "epoch", "epoch": e, "val": {"map@1000": score}, "best_epoch": best}
+
+    ok = run("ok", epoch(0, 0.5, 0), epoch(1, 0.4, 0), epoch(2, 0.45, 0))  # 2 epochs past the best
+    going = run("going", epoch(0, 0.5, 0), epoch(1, 0.6, 1))
+    bad = run("bad", epoch(0, 0.7, 0), {"event": "diverged", "epoch": 1, "step": 3, "parts": {}})
+    assert _trained(ok, cfg) and not _trained(going, cfg) and _trained(bad, cfg)
+    assert best_val(ok, "map@1000") == 0.5 and best_val(bad, "map@1000") == -math.inf

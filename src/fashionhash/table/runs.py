@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from fashionhash.pipeline import load_run
 from fashionhash.table.dataset import Data, config_diff, read_json, write_json
 from fashionhash.table.plan import ABLATIONS, PAPER, SHALLOW, VARIANTS
 from fashionhash.table.real import QUERY_K, sgml_real
-from fashionhash.training import train
+from fashionhash.training import TrainingDiverged, train
 
 log = logging.getLogger(__name__)
 #: settings that change how fast a run trains, not what it learns: a table resumed with
@@ -115,17 +116,25 @@ def _side_by_side(fn, items: list, jobs: int) -> None:
             fn(item)
 
 
+def _log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def epoch_log(run_dir: Path) -> list[dict]:
     """The epoch records of a run's ``log.jsonl`` (``[]`` before its first epoch)."""
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in records if r.get("event") == "epoch"]
+    return [r for r in _log(run_dir) if r.get("event") == "epoch"]
+
+
+def diverged(run_dir: Path) -> bool:
+    """Whether a run stopped on a non-finite loss (a learning rate too high for it)."""
+    return any(r.get("event") == "diverged" for r in _log(run_dir))
 
 
 def _trained(run_dir: Path, cfg: Config) -> bool:
-    """Whether a run has stopped: early, or at its last epoch."""
+    """Whether a run has stopped: early, at its last epoch, or on a non-finite loss."""
+    if diverged(run_dir):
+        return True
     epochs = epoch_log(run_dir)
     if not epochs:
         return False
@@ -134,8 +143,9 @@ def _trained(run_dir: Path, cfg: Config) -> bool:
 
 
 def best_val(run_dir: Path, metric: str) -> float:
-    """The best val score of a trained run (what chose its checkpoint)."""
-    return max(r["val"][metric] for r in epoch_log(run_dir))
+    """The best val score of a trained run (what chose its checkpoint); -inf for a run
+    that diverged, which is never chosen."""
+    return -math.inf if diverged(run_dir) else max(r["val"][metric] for r in epoch_log(run_dir))
 
 
 def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, float]:
@@ -152,13 +162,22 @@ def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, fl
                 todo.append(run_dir)
 
     def one(run_dir: Path) -> None:
-        (_train_child if jobs > 1 else _train_here)(run_dir, evaluate=False)
+        try:
+            (_train_child if jobs > 1 else _train_here)(run_dir, evaluate=False)
+        except (RuntimeError, TrainingDiverged):
+            if not diverged(run_dir):
+                raise
+            log.warning("%s: lr candidate %s diverged: not chosen", d.plan.key, run_dir.name)
+            return
         log.info("%s: lr candidate %s trained, %d epochs", d.plan.key, run_dir.name, len(epoch_log(run_dir)))
 
     _side_by_side(one, todo, jobs)
     chosen = {}
     for label in learned:
         scores = {lr: best_val(_lr_dir(d, label, bits, lr), d.cfg.train.select_metric) for lr in d.plan.lrs}
+        if all(math.isinf(v) for v in scores.values()):
+            raise RuntimeError(f"{d.plan.key} {label}: training diverged at every learning rate "
+                               f"{', '.join(f'{lr:g}' for lr in d.plan.lrs)}")
         chosen[label] = max(d.plan.lrs, key=lambda lr: scores[lr])  # max keeps the first of ties
         log.info("%s %s: lr %g chosen on val (%s)", d.plan.key, label, chosen[label],
                  ", ".join(f"{lr:g}: {s:.4f}" for lr, s in scores.items()))
