@@ -194,7 +194,7 @@ def _adopt_candidate(d: Data, label: str, bits: int, lr: float, run_dir: Path) -
         return
     for name in ("meta.json", "log.jsonl"):
         shutil.copy(src / name, run_dir / name)
-    shutil.copytree(src / "checkpoints", run_dir / "checkpoints")
+    shutil.copytree(src / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)  # after a kill mid-copy
 
 
 def train_runs(d: Data, specs: list[Spec], lrs: dict[str, float], lr_bits: int, jobs: int) -> None:
