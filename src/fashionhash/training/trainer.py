@@ -1,6 +1,7 @@
 """The trainer: Adam per optimiser group (encoder; discriminator for adversarial methods),
-seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, and the
-best checkpoint chosen on the validation split (never on the test queries).
+seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, the best
+checkpoint chosen on the validation split (never on the test queries), and early stopping
+once that score has not improved for ``train.patience`` epochs.
 
 Under ``torchrun`` every process runs :func:`train` with the same arguments (see
 :mod:`fashionhash.distributed`): each process encodes its share of every global batch of
