@@ -266,9 +266,15 @@ def _cmd_table(args) -> int:
         command="fashionhash " + " ".join(args.argv))
     # the library logs its progress at INFO; the trainers and evaluations run in child
     # processes (--jobs > 1) or would drown it, so only the table's own lines are shown
-    logging.getLogger("fashionhash").setLevel(logging.WARNING)
-    logging.getLogger("fashionhash.table").setLevel(logging.INFO)
-    md = build_table(opts)
+    loggers = [logging.getLogger("fashionhash"), logging.getLogger("fashionhash.table")]
+    levels = [lg.level for lg in loggers]
+    loggers[0].setLevel(logging.WARNING)
+    loggers[1].setLevel(logging.INFO)
+    try:
+        md = build_table(opts)
+    finally:  # main() may be called again in this process (the tests)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     print(f"wrote {md} and {md.with_name('table.json')}")
     return 0
 
