@@ -54,7 +54,10 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # with patience > 0: the most epochs
+    # early stopping: stop once select_metric on val has not improved for this many epochs
+    # (the best epoch's checkpoint is kept either way); 0 = train all the epochs
+    patience: int = 0
     batch_size: int = 256
     lr: float = 1e-3
     lr_disc: float = 1e-3
