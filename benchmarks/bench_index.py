@@ -313,11 +313,10 @@ def run_two_stage(kind: str, data, dim: int, repeats: int, seed: int, log) -> li
     rows = []
     for r in SHORTLISTS:
         short, _ = timed(lambda: cat.search(q, r), repeats)
-        # the re-rank gathers (Q, R, dim) int8 rows at once: a subset keeps it in memory
-        nq2 = min(q.shape[0], max(50, 200_000 // r))
-        both, _ = timed(lambda: cat.search_two_stage(q[:nq2], q_desc[:nq2], TWO_STAGE_K, r), 1)
+        both, _ = timed(lambda: cat.search_two_stage(q, q_desc, TWO_STAGE_K, r), repeats)
         row = {"dataset": kind, "n": db.shape[0], "backend": cat.index.name, "shortlist": r, "dim": dim,
-               "shortlist_qps": q.shape[0] / short, "two_stage_qps": nq2 / both, "two_stage_queries": nq2}
+               "shortlist_qps": q.shape[0] / short, "two_stage_qps": q.shape[0] / both,
+               "two_stage_queries": q.shape[0]}
         log(f"  {kind:9s} two-stage R={r:<5d} shortlist {row['shortlist_qps']:10.0f} q/s  "
             f"with re-rank (d={dim}) {row['two_stage_qps']:10.0f} q/s")
         rows.append(row)
@@ -379,16 +378,17 @@ def markdown(rows, meta) -> str:
         lines += [
             f"## Two-stage search ({meta['two_stage'][0]['backend']}, k={TWO_STAGE_K})",
             "",
-            "Shortlist: the top-R codes by (distance, id) from the index, all queries. With re-rank: "
-            "`HashIndex.search_two_stage` (shortlist, int8 descriptor gather, cosine re-rank per query) "
-            "on the first queries only (the gather holds (Q, R, d) int8 rows at once).",
+            "Shortlist: the top-R codes by (distance, id) from the index. With re-rank: "
+            "`HashIndex.search_two_stage` (the shortlist, then the C kernel reading each candidate's "
+            "int8 descriptor in place and keeping the top k by cosine, equal cosines in Hamming order). "
+            "All queries in one batch, best of the repeats.",
             "",
             "| dataset | N | R | descriptor d | shortlist q/s | with re-rank q/s |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for r in meta["two_stage"]:
             lines.append(f"| {r['dataset']} | {r['n']:,} | {r['shortlist']:,} | {r['dim']} | "
-                         f"{r['shortlist_qps']:,.0f} | {r['two_stage_qps']:,.0f} [{r['two_stage_queries']} queries] |")
+                         f"{r['shortlist_qps']:,.0f} | {r['two_stage_qps']:,.0f} |")
         lines.append("")
     if not meta["targets"]:
         return "\n".join(lines)
@@ -467,12 +467,12 @@ def targets(rows, two_stage=()):
     for r in two_stage:
         if r["n"] < 1_000_000:
             continue
-        good = r["shortlist_qps"] >= 1000
+        good = r["two_stage_qps"] >= 1000
         ok &= good
         out.append(
-            f"N={r['n']:,} {r['dataset']} two-stage shortlist R={r['shortlist']}: {r['shortlist_qps']:,.0f} q/s "
-            f"(target >= 1,000) {'PASS' if good else 'FAIL'}; with the re-rank (d={r['dim']}): "
-            f"{r['two_stage_qps']:,.0f} q/s"
+            f"N={r['n']:,} {r['dataset']} two-stage R={r['shortlist']} (shortlist + re-rank, d={r['dim']}): "
+            f"{r['two_stage_qps']:,.0f} q/s (target >= 1,000) {'PASS' if good else 'FAIL'}; "
+            f"the shortlist alone: {r['shortlist_qps']:,.0f} q/s"
         )
     return out, ok
 
