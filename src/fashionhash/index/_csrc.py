@@ -31,7 +31,7 @@ typedef int8_t i8;
 #define MAXM 64
 #define PROBE_BATCH 32
 
-int fh_abi_version(void) { return 4; }
+int fh_abi_version(void) { return 5; }
 
 INLINE int dist_w(const u64 *a, const u64 *b, int W) {
     int d = 0;
@@ -188,6 +188,59 @@ int fh_scan_knn(const u64 *codes, i64 n, int W, const i64 *ids, const u8 *allowe
         }
         for (i64 q = q0; q < q1; ++q) heap_finish(&hs[q - q0], fill_d);
     }
+    return 0;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    i64 x = *(const i64 *)a, y = *(const i64 *)b;
+    return (x > y) - (x < y);
+}
+
+/* Exact k-NN of single queries when k is a large part of n (a two-stage shortlist of a
+ * quarter of the catalogue): where the heap would pay log k for each of >= k admissions,
+ * this takes every distance, a histogram, the k-th distance t, and writes the rows closer
+ * than t, then the smallest ids at t, in (distance, id) order by a counting sort (ids are
+ * sorted within a level only when the rows are not already in id order).  Arguments as
+ * fh_scan_knn.  Returns -1 when out of memory. */
+int fh_scan_knn_select(const u64 *codes, i64 n, int W, const i64 *ids, const u8 *allowed,
+                       const u64 *queries, i64 nq, int k, i32 fill_d, i32 *out_d, i64 *out_i) {
+    const int nbins = 64 * W + 1;
+    i32 *dist = malloc(sizeof(i32) * (size_t)(n > 0 ? n : 1));
+    i64 *level = malloc(sizeof(i64) * (size_t)(n > 0 ? n : 1));
+    i64 *count = malloc(sizeof(i64) * (size_t)(nbins + 1));
+    if (!dist || !level || !count) { free(dist); free(level); free(count); return -1; }
+    for (i64 q = 0; q < nq; ++q) {
+        const u64 *qv = queries + q * W;
+        i32 *od = out_d + q * k;
+        i64 *oi = out_i + q * k;
+        for (int b = 0; b <= nbins; ++b) count[b] = 0;
+        for (i64 r = 0; r < n; ++r) {
+            i32 d = (!allowed || allowed[r]) ? dist_w(qv, codes + r * W, W) : -1;
+            dist[r] = d;
+            if (d >= 0) count[d]++;
+        }
+        i64 below = 0; /* rows closer than level t */
+        int t = 0;
+        while (t < nbins && below + count[t] < k) below += count[t++];
+        if (t == nbins) t = nbins - 1; /* fewer than k rows: all of them */
+        /* counting sort of the ids at levels <= t, stable in row order: count[lv] becomes
+         * the level's start, then its end as the ids are placed */
+        i64 start = 0;
+        for (int lv = 0; lv <= t; ++lv) { i64 c = count[lv]; count[lv] = start; start += c; }
+        for (i64 r = 0; r < n; ++r)
+            if (dist[r] >= 0 && dist[r] <= t) level[count[dist[r]]++] = ids[r];
+        int o = 0;
+        i64 lo = 0;
+        for (int lv = 0; lv <= t && o < k; ++lv) {
+            i64 hi = count[lv], sorted = 1;
+            for (i64 j = lo + 1; j < hi && sorted; ++j) sorted = level[j - 1] < level[j];
+            if (!sorted) qsort(level + lo, (size_t)(hi - lo), sizeof(i64), cmp_i64);
+            for (i64 j = lo; j < hi && o < k; ++j, ++o) { od[o] = lv; oi[o] = level[j]; }
+            lo = hi;
+        }
+        for (; o < k; ++o) { od[o] = fill_d; oi[o] = -1; }
+    }
+    free(dist); free(level); free(count);
     return 0;
 }
 

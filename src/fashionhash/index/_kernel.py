@@ -47,7 +47,10 @@ PAD_DISTANCE = np.iinfo(np.int32).max
 
 RadiusList = list[tuple[np.ndarray, np.ndarray]]
 
-_ABI_VERSION = 4
+#: the exact scan selects by distance histogram instead of a heap when k >= n / SELECT_FRACTION
+SELECT_FRACTION = 16
+
+_ABI_VERSION = 5
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -144,6 +147,8 @@ def _load_lib() -> ctypes.CDLL:
         raise RuntimeError(f"stale kernel library {path}")
     lib.fh_scan_knn.argtypes = [_P, _I64, _INT, _P, _P, _P, _I64, _INT, _I32, _P, _P]
     lib.fh_scan_knn.restype = _INT
+    lib.fh_scan_knn_select.argtypes = [_P, _I64, _INT, _P, _P, _P, _I64, _INT, _I32, _P, _P]
+    lib.fh_scan_knn_select.restype = _INT
     lib.fh_scan_radius.argtypes = [_P, _I64, _INT, _P, _P, _I64, _INT, _P, _P, _P, _I64, _P]
     lib.fh_scan_radius.restype = _I64
     lib.fh_mih_knn.argtypes = [ctypes.POINTER(_MIHStruct), _P, _I64, _INT, _I32, _P, _P, _P, _P]
@@ -301,10 +306,15 @@ def scan_knn(words, ids, allowed, queries, k: int):
     lib = _get_lib()
     if lib is not None:
         W = words.shape[1]
+        # a large part of the rows (a two-stage shortlist): select by distance histogram,
+        # since a heap would pay log k on each of >= k admissions
+        select = k * SELECT_FRACTION >= n
 
         def run(a, b):
-            lib.fh_scan_knn(_ptr(words), n, W, _ptr(ids), _ptr(mask), _ptr(queries[a:b]), b - a, k,
-                            PAD_DISTANCE, _ptr(out_d[a:b]), _ptr(out_i[a:b]))  # fmt: skip
+            fn = lib.fh_scan_knn_select if select else lib.fh_scan_knn
+            if fn(_ptr(words), n, W, _ptr(ids), _ptr(mask), _ptr(queries[a:b]), b - a, k,
+                  PAD_DISTANCE, _ptr(out_d[a:b]), _ptr(out_i[a:b])) < 0:  # fmt: skip
+                raise MemoryError("the scan kernel could not allocate its scratch memory")
 
         _map_chunks(run, nq, min_chunk=4, per_thread=1)
         return out_d, out_i
