@@ -8,7 +8,7 @@ import torch
 
 from fashionhash import codes as C
 from fashionhash.descriptors import (Whitening, dequantize, l2_normalise, quantize, rerank, rerank_reference,
-                                     rerank_rows, squared_norms)
+                                     rerank_rows, sign_codes, squared_norms)
 from fashionhash.evaluation.two_stage import choose_shortlist, descriptor_only_hits, two_stage_hits
 from fashionhash.index import HashIndex, IndexFormatError
 from fashionhash.index import _kernel as K
@@ -132,7 +132,37 @@ def test_two_stage_hits_match_the_slow_reference():
         assert got[r] == pytest.approx(_two_stage_reference(noisy, q_desc, g_packed, g_desc, g_ids, true, r, (1, 5)))
     # a shortlist of the whole gallery re-ranked is ranking by the descriptor alone
     assert got[400][1] == pytest.approx(descriptor_only_hits(q_desc, g_desc, true, (1,))[1], abs=1e-9)
-    assert choose_shortlist({10: {1: 0.5, 10: 0.6}, 50: {1: 0.5, 10: 0.7}, 400: {1: 0.4, 10: 0.9}}) == 50
+
+
+
+def test_choose_shortlist_prefers_short_lists_and_narrow_codes_within_the_tolerance():
+    hits = {0: {10: {1: 0.5, 10: 0.6}, 50: {1: 0.5, 10: 0.7}, 400: {1: 0.6, 10: 0.9}},
+            64: {10: {1: 0.6, 10: 0.7}, 50: {1: 0.6, 10: 0.895}, 400: {1: 0.6, 10: 0.9}},
+            128: {10: {1: 0.6, 10: 0.7}, 50: {1: 0.6, 10: 0.9}, 400: {1: 0.6, 10: 0.9}}}
+    assert choose_shortlist(hits, tolerance=0.01) == (64, 50)  # 0.005 below the best, 8x shorter
+    assert choose_shortlist(hits, tolerance=0.0) == (128, 50)
+    assert choose_shortlist({0: hits[0]}, tolerance=0.0) == (0, 400)
+
+
+def test_pca_ordered_map_keeps_cosines_and_sign_codes_follow_the_leading_components():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(300, 24)) * np.linspace(0.2, 3, 24)  # unequal variances
+    w = Whitening.fit(raw, 16)
+    w.proj = w.proj[:, rng.permutation(16)]  # as a learned map: outputs in no useful order
+    o = w.pca_ordered(raw)
+    a, b = w(raw), o(raw)
+    np.testing.assert_allclose(a @ a[:5].T, b @ b[:5].T, atol=1e-5)  # the same cosines
+    var = b.var(axis=0)
+    assert np.all(np.diff(var) <= 1e-6)  # leading components carry the most
+    s = o.with_sign_code(raw, 8)
+    assert s.sign_bits == 8 and s.digest() != o.digest()
+    codes = sign_codes(b, s.sign_mean)
+    np.testing.assert_array_equal(codes, C.pack(b[:, :8] - s.sign_mean))
+    # the stored int8 rows give the codes of their float rows, up to rounding at the mean
+    agree = (np.unpackbits(sign_codes(quantize(b), s.sign_mean)) == np.unpackbits(codes)).mean()
+    assert agree > 0.97
+    with pytest.raises(ValueError, match="multiple of 8"):
+        o.with_sign_code(raw, 12)
 
 
 def test_descriptor_store_add_get_remove_persist(tmp_path):
@@ -228,6 +258,46 @@ def test_index_two_stage_search_matches_the_reference(backend, kernel, tmp_path)
     plain.add(ids[:3], codes[:3])
     with pytest.raises(ValueError, match="no descriptors"):
         plain.search_two_stage(q_codes, q_desc, 5, 60)
+
+
+@pytest.mark.parametrize("backend", ["flat", "mih"])
+def test_index_sign_code_shortlist_matches_the_reference(backend, tmp_path):
+    """With a sign code the shortlist is the descriptors' sign-code neighbours (rebuilt on
+    open, kept through add / remove / rollback), the distances shown stay the hash code's."""
+    rng = np.random.default_rng(3)
+    n, bits, d, b = 300, 32, 16, 8
+    ids = rng.permutation(10_000)[:n].astype(np.int64)
+    codes = C.pack(rng.choice([-1.0, 1.0], size=(n, bits)))
+    desc = quantize(_unit(rng, n, d))
+    mean = dequantize(desc)[:, :b].mean(axis=0)
+    meta = [{"colour": "red" if i % 2 else "blue"} for i in range(n)]
+    index = HashIndex(backend, bits, tmp_path / "idx", descriptor_dim=d, sign_mean=mean)
+    index.add(ids, codes, meta, descriptors=desc)
+    index.save()
+    index.remove(ids[:10])  # unsaved: gone after the rollback below
+    index.rollback()
+    index.remove(ids[10:20])
+    index.save()
+    index.close()
+    index = HashIndex.open(tmp_path / "idx")
+    assert index.sign_bits == b and len(index.sign_index) == n - 10
+    live = np.ones(n, bool)
+    live[10:20] = False
+    q_codes, q_desc = codes[[30, 31]], _unit(rng, 2, d)
+    q_sign = sign_codes(q_desc, mean)
+    np.testing.assert_array_equal(index.sign_code(q_desc), q_sign)
+    for filters in (None, {"colour": "red"}):
+        scores, dist, got = index.search_two_stage(q_codes, q_desc, 5, 40, filters)
+        for q in range(2):
+            ok = live & (np.array([m["colour"] == "red" for m in meta]) if filters else True)
+            hd = C.hamming(q_sign[q:q + 1], sign_codes(desc, mean))[0]
+            rows = np.flatnonzero(ok)
+            cand = rows[np.lexsort((ids[rows], hd[rows]))][:40]  # (distance, id) order
+            ref = rerank_reference(q_desc[q], ids[cand], desc[cand], 5)
+            assert np.array_equal(got[q], ref[1]) and np.allclose(scores[q], ref[0], atol=1e-5)
+            pos = [int(np.flatnonzero(ids == i)[0]) for i in got[q]]
+            assert dist[q].tolist() == C.hamming(q_codes[q:q + 1], codes[pos])[0].tolist()
+    index.close()
 
 
 def test_descriptor_net_pooled_part_is_the_backbone_features():

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from fashionhash import codes as C  # noqa: E402
 from fashionhash.cli import main  # noqa: E402
 from fashionhash.evaluation.two_stage import SHORTLISTS  # noqa: E402
 from fashionhash.index import HashIndex  # noqa: E402
@@ -50,7 +51,10 @@ def ts_service(ts_run, ts_index, tmp_path):
 
 def test_descriptor_is_fitted_on_val_and_reported(ts_run):
     meta = json.loads((ts_run / "descriptor.json").read_text())
-    assert meta["projection"] in ("whitening", "learned") and set(meta["val"]) == {"whitening", "learned"}
+    assert meta["projection"] in ("whitening", "learned")
+    assert set(meta["val_descriptor_alone"]) == {"whitening", "learned"}
+    # sign codes up to the descriptor's width are tried: none fits 32 dimensions but 0
+    assert set(meta["val"]) == {"0"} and meta["sign_bits"] == 0
     assert meta["shortlist"] in SHORTLISTS and meta["dim"] == 32
     metrics = json.loads((ts_run / "metrics.json").read_text())
     for key in ("same_product_2stage_top1", "same_product_2stage_top10", "same_product_descriptor_top1"):
@@ -133,6 +137,35 @@ def test_refitted_descriptor_is_not_mixed_with_an_old_index(ts_run, ts_index, tm
     svc = SearchService.open(run, ts_index)
     try:  # the index's int8 rows were made with the old fit: codes alone, never a mix
         assert svc.shortlist is None
+    finally:
+        svc.close()
+
+
+def test_sign_code_shortlist_end_to_end(ts_run, tmp_path, capsys):
+    """A descriptor refitted with a 16-bit sign code: evaluation, the index and the service
+    all take the shortlist from it; the distances shown stay the hash code's."""
+    run = tmp_path / "run"
+    shutil.copytree(ts_run, run)
+    assert main(["fit-descriptor", str(run), "descriptor.sign_bits=16", "--quiet"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["sign_bits"] == 16 and set(meta["val"]) == {"16"}
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["shortlist_sign_bits"] == 16 and 0 <= metrics["same_product_2stage_top1"] <= 1
+    build_index(run, tmp_path / "index").close()
+    assert IndexInfo.load(tmp_path / "index").descriptor["sign_bits"] == 16
+    svc = SearchService.open(run, tmp_path / "index")
+    try:
+        assert svc.index.sign_bits == 16 and svc.stats()["ranking"]["sign_bits"] == 16
+        item_id, data = _item_photo(svc)
+        res = svc.search_image(data, k=5)
+        assert res["ranking"]["sign_bits"] == 16 and "16-bit sign code" in res["ranking"]["by"]
+        assert res["results"][0]["id"] == item_id and res["results"][0]["distance"] == 0
+        label = svc.index.get(item_id)["articleType"]
+        filtered = svc.similar(item_id, k=5, filters={"articleType": label})["results"]
+        assert filtered and all(svc.index.get(r["id"])["articleType"] == label for r in filtered)
+        codes = svc.index.index.get_codes([item_id] + [r["id"] for r in filtered])
+        assert [r["distance"] for r in filtered] == C.hamming(codes[:1], codes[1:])[0].tolist()
     finally:
         svc.close()
 

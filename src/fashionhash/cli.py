@@ -81,7 +81,7 @@ def metrics_table(metrics: dict) -> str:
         if key in metrics:
             rows.append(f"| {label} | {metrics[key]:.4f} |")
     if "shortlist" in metrics:
-        rows.append(f"| two-stage shortlist (chosen on val) | {metrics['shortlist']} |")
+        rows.append(f"| two-stage shortlist (chosen on val) | {_shortlist_text(metrics)} |")
         rows.append(f"| bytes per item (code + int8 descriptor) | {metrics['bytes_per_item']} |")
     rows.append(f"| distinct database codes | {metrics.get('distinct_database_codes', '-')} |")
     rows.append(f"| queries / database | {metrics.get('n_query')} / {metrics.get('n_database')} |")
@@ -117,6 +117,12 @@ def _cmd_train(args) -> int:
     if args.evaluate:
         return _cmd_evaluate(argparse.Namespace(run_dir=run, quiet=args.quiet))
     return 0
+
+
+def _shortlist_text(metrics: dict) -> str:
+    """'R by the hash code' or 'R by a B-bit sign code' for a two-stage run's metrics."""
+    bits = metrics.get("shortlist_sign_bits", 0)
+    return f"{metrics['shortlist']} by " + (f"a {bits}-bit sign code" if bits else "the hash code")
 
 
 def _cmd_fit_descriptor(args) -> int:
@@ -267,7 +273,10 @@ def run_report(run_dirs: list[Path]) -> str:
     for label, key in TABLE_KEYS:
         if any(key in m for _, m, _ in runs):
             rows.append(f"| {label} | " + " | ".join(f"{m[key]:.4f}" if key in m else "-" for _, m, _ in runs) + " |")
-    extra = [("two-stage shortlist (chosen on val)", "shortlist", "{}"),
+    for _, m, _ in runs:
+        if "shortlist" in m:
+            m["shortlist_text"] = _shortlist_text(m)
+    extra = [("two-stage shortlist (chosen on val)", "shortlist_text", "{}"),
              ("bytes per item (code + int8 descriptor)", "bytes_per_item", "{}"),
              ("distinct database codes", "distinct_database_codes", "{}"),
              ("queries / database", None, None), ("best epoch (on val)", "checkpoint_epoch", "{}"),

@@ -73,7 +73,10 @@ class DescriptorConfig:
     kind: str = "none"  # none | gem (GeM of the last feature map and of the last block)
     scales: list[int] = field(default_factory=list)  # input sizes averaged; [] = model.image_size
     dim: int = 512  # whitened dimensions = int8 bytes stored per item
-    shortlist: int = 0  # Hamming candidates re-ranked; 0 = chosen on the validation split
+    shortlist: int = 0  # candidates re-ranked; 0 = chosen on the validation split
+    # the code that makes the shortlist: 0 the hash code, B the signs of the descriptor's B
+    # leading components (keeps the very product); -1 chosen on val among SIGN_BITS
+    sign_bits: int = -1
     # a linear projection trained on augmented views (kept only if it beats the whitening on val)
     learn_epochs: int = 0  # 0 = PCA-whitening only
     learn_items: int = 10000  # training photos whose views it sees

@@ -10,7 +10,10 @@ backbone saw (local detail, colour) orders it. numpy in, numpy out, like :mod:`c
   component is +-127 (cosine ranking needs only the direction, so the scale is not kept);
 * :func:`rerank` orders candidates by cosine between a float query and int8 rows,
   :func:`rerank_rows` does it for many shortlists at once (the index's C kernel is its
-  twin), and :func:`rerank_reference` is the slow, obvious version the tests compare them with.
+  twin), and :func:`rerank_reference` is the slow, obvious version the tests compare them with;
+* :func:`sign_codes` turns descriptors into a short binary code (the signs of their leading,
+  PCA-ordered components) whose Hamming shortlist keeps the very product, where the
+  type-level hash code does not.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionhash import codes as C
+
 __all__ = ["Whitening", "l2_normalise", "quantize", "dequantize", "squared_norms", "rerank",
-           "rerank_rows", "rerank_positions", "rerank_reference"]
+           "rerank_rows", "rerank_positions", "rerank_reference", "sign_codes"]
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -46,10 +51,19 @@ class Whitening:
 
     mean: np.ndarray  # (D,) float32
     proj: np.ndarray  # (D, dim) float32, columns already divided by the std of each axis
+    #: (B,) float32 catalogue means of the first B output components: B > 0 means the
+    #: shortlist of two-stage search comes from :func:`sign_codes` (B bits) instead of the
+    #: hash code
+    sign_mean: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
         return int(self.proj.shape[1])
+
+    @property
+    def sign_bits(self) -> int:
+        """Width of the descriptor's sign code (0: the shortlist comes from the hash code)."""
+        return 0 if self.sign_mean is None else int(self.sign_mean.size)
 
     @classmethod
     def fit(cls, x: np.ndarray, dim: int, shrink: float = 0.0) -> "Whitening":
@@ -79,22 +93,57 @@ class Whitening:
         """Raw descriptors ``(N, D)`` -> stored int8 rows ``(N, dim)``."""
         return quantize(self(x))
 
+    def pca_ordered(self, x: np.ndarray) -> "Whitening":
+        """The same map rotated so that its outputs on catalogue descriptors ``x (N, D)``
+        are uncorrelated with decreasing variance. Cosines are unchanged (an orthogonal
+        rotation of unit rows), but the leading components now carry the most, which
+        :func:`sign_codes` needs (a learned projection orders its outputs arbitrarily)."""
+        out = self(x).astype(np.float64)
+        vals, vecs = np.linalg.eigh(np.cov(out - out.mean(axis=0), rowvar=False, bias=True))
+        rot = vecs[:, np.argsort(vals)[::-1]]
+        return Whitening(self.mean, (self.proj @ rot).astype(np.float32))
+
+    def with_sign_code(self, x: np.ndarray, bits: int) -> "Whitening":
+        """This map with a ``bits``-wide sign code (0: none) centred on catalogue
+        descriptors ``x (N, D)``; call on a :meth:`pca_ordered` map."""
+        if not 0 <= bits <= self.dim or bits % 8:
+            raise ValueError(f"sign code bits must be a multiple of 8 in [0, {self.dim}], got {bits}")
+        mean = self(x)[:, :bits].mean(axis=0).astype(np.float32) if bits else None
+        return Whitening(self.mean, self.proj, mean)
+
     def digest(self) -> str:
         """Short hash of the parameters: an index records it to detect a refitted run."""
         h = hashlib.sha256(self.mean.tobytes())
         h.update(self.proj.tobytes())
+        if self.sign_mean is not None:  # an index built with another sign code is stale too
+            h.update(self.sign_mean.tobytes())
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mean=self.mean, proj=self.proj)
+        extra = {} if self.sign_mean is None else {"sign_mean": self.sign_mean}
+        np.savez(tmp, mean=self.mean, proj=self.proj, **extra)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Whitening":
         with np.load(path) as z:
-            return cls(z["mean"].astype(np.float32), z["proj"].astype(np.float32))
+            sign = z["sign_mean"].astype(np.float32) if "sign_mean" in z.files else None
+            return cls(z["mean"].astype(np.float32), z["proj"].astype(np.float32), sign)
+
+
+def sign_codes(unit: np.ndarray, sign_mean: np.ndarray) -> np.ndarray:
+    """Packed sign code ``(N, B/8)`` uint8 of descriptors ``(N, d)`` (float unit rows or
+    stored int8 rows: the sign of a centred component does not depend on the row's scale
+    once the row is made unit): bit j is set where component j >= ``sign_mean[j]``."""
+    unit = np.asarray(unit)
+    if unit.dtype == np.int8:
+        unit = dequantize(unit)
+    b = int(np.asarray(sign_mean).size)
+    if unit.ndim != 2 or unit.shape[1] < b:
+        raise ValueError(f"descriptors (N, >= {b}) expected, got shape {unit.shape}")
+    return C.pack(np.asarray(unit[:, :b], np.float32) - sign_mean)
 
 
 def quantize(x: np.ndarray) -> np.ndarray:

@@ -169,6 +169,9 @@ def check_descriptor_config(cfg: Config) -> None:
                          "set descriptor.kind=none for the single-stage codes")
     if d.dim <= 0 or d.shortlist < 0 or any(int(s) < 32 for s in d.scales):
         raise ValueError("descriptor.dim must be > 0, descriptor.shortlist >= 0 and every scale >= 32 px")
+    if d.sign_bits != -1 and (d.sign_bits < 0 or d.sign_bits % 8 or d.sign_bits > d.dim):
+        raise ValueError(f"descriptor.sign_bits is -1 (chosen on val), 0 (the hash code) or a multiple "
+                         f"of 8 up to descriptor.dim={d.dim}, not {d.sign_bits}")
 
 
 def combine_scales(per_scale: Sequence[np.ndarray]) -> np.ndarray:

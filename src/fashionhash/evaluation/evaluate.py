@@ -18,8 +18,8 @@ from fashionhash import codes as C
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
 from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_from_order, plot_pr_curves,
                                             rerank_key, same_item_topk)
-from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, two_stage_hits,
-                                              two_stage_topk)
+from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, shortlist_codes,
+                                              two_stage_hits, two_stage_topk)
 from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_features, load_run, open_data
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,18 @@ def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: n
     g_packed = np.concatenate([db_packed, q_packed])
     g_ids = np.concatenate([cat.ids[pos_db], cat.ids[pos_q]])
     true = len(pos_db) + np.flatnonzero(dam_ok)
-    dam_packed = C.pack(dam_real[dam_ok])
-    hits = two_stage_hits(dam_packed, dam_desc, g_packed, g_desc, g_ids, true, [r])[r]
+    dam_short = shortlist_codes(mapping, C.pack(dam_real[dam_ok]), dam_desc)
+    g_short = shortlist_codes(mapping, g_packed, g_desc)
+    hits = two_stage_hits(dam_short, dam_desc, g_short, g_desc, g_ids, true, [r])[r]
     alone = descriptor_only_hits(dam_desc, g_desc, true)
-    order = two_stage_topk(dam_packed, dam_desc, g_packed, g_desc, g_ids, r, 10)
+    order = two_stage_topk(dam_short, dam_desc, g_short, g_desc, g_ids, r, 10)
     return {
         "graded_ndcg@10_2stage": ndcg_from_order(order, gains, 10),
         "same_product_2stage_top1": hits[1], "same_product_2stage_top10": hits[10],
         "same_product_descriptor_top1": alone[1], "same_product_descriptor_top10": alone[10],
-        "shortlist": r, "descriptor_dim": int(mapping.dim), "descriptor_projection": meta.get("projection"),
+        "shortlist": r, "shortlist_sign_bits": mapping.sign_bits, "descriptor_dim": int(mapping.dim),
+        "descriptor_projection": meta.get("projection"),
+        # the sign code lives in memory only (rebuilt from the descriptors when the index opens)
         "bytes_per_item": int(C.n_bytes(run.n_bits) + mapping.dim),
     }
 

@@ -74,7 +74,8 @@ class IndexInfo:
     summary_keys: list[str] | None = None
     name_key: str | None = None
     #: the run's descriptor when the index stores one (two-stage search): its width, the
-    #: digest of its whitening (a refitted run no longer matches) and the shortlist size
+    #: digest of its whitening (a refitted run no longer matches), the shortlist size and
+    #: the width of the sign code that makes the shortlist (0: the hash code makes it)
     descriptor: dict | None = None
     extra: dict = field(default_factory=dict)
 
@@ -168,7 +169,8 @@ def descriptor_info(run: "Run") -> dict | None:
     if run.descriptor is None:
         return None
     whitening, meta = run.descriptor
-    return {"dim": whitening.dim, "digest": whitening.digest(), "shortlist": int(meta["shortlist"])}
+    return {"dim": whitening.dim, "digest": whitening.digest(), "shortlist": int(meta["shortlist"]),
+            "sign_bits": whitening.sign_bits}
 
 
 def _catalogue_descriptors(run: "Run", cat, split, positions: np.ndarray,
@@ -289,7 +291,8 @@ def build_index(
     index_path.parent.mkdir(parents=True, exist_ok=True)
     codes = _empty_backend(backend, run.n_bits, backend_options or {}, overwrite)
     try:
-        index = HashIndex(codes, run.n_bits, tmp, descriptor_dim=None if desc is None else desc.shape[1])
+        index = HashIndex(codes, run.n_bits, tmp, descriptor_dim=None if desc is None else desc.shape[1],
+                          sign_mean=run.descriptor[0].sign_mean if run.descriptor else None)
         index.add(ids[keep], packed[keep], metadata, descriptors=desc)
         index.save()
         index.close()

@@ -6,6 +6,10 @@ A catalogue directory holds::
                             attribute table for filters, and the state (backend, n_bits,
                             options, current codes file)
     codes-<generation>.fhi  the backend's index file (see :mod:`.persist`)
+    descriptors-<gen>.fhd   int8 descriptors by id (two-stage search), when the index has them;
+                            with a sign code (``sign_mean``) a local ``mih`` index over the
+                            descriptors' sign codes is rebuilt from them on open, so it
+                            cannot disagree with them
 
 Commit protocol: ``add``/``remove`` change the in-memory index and write metadata inside
 an open SQLite transaction; ``save`` first writes a *new* codes file atomically, then
@@ -27,6 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from fashionhash import codes as C
+from fashionhash.descriptors import sign_codes
 
 from .base import INDEXES, BinaryIndex, _as_ids, check_filter_keys, open_index
 from .descriptor_store import DescriptorStore
@@ -69,6 +76,7 @@ class HashIndex:
         path: str | os.PathLike | None = None,
         *,
         descriptor_dim: int | None = None,
+        sign_mean: np.ndarray | None = None,
         **backend_options: Any,
     ) -> None:
         if isinstance(backend, BinaryIndex):
@@ -96,9 +104,13 @@ class HashIndex:
                 codes_file="",
                 descriptor_dim=str(descriptor_dim or 0),
                 descriptors_file="",
+                sign_mean=json.dumps(None if sign_mean is None else np.asarray(sign_mean, np.float32).tolist()),
             )
         self._known_keys: set[str] | None = None
+        if sign_mean is not None and not descriptor_dim:
+            raise ValueError("a sign code (sign_mean) needs stored descriptors (descriptor_dim)")
         self._desc = DescriptorStore(descriptor_dim) if descriptor_dim else None
+        self._sign_mean, self._short = self._sign_index(sign_mean, self._desc)
 
     def _connect(self) -> sqlite3.Connection:
         target = ":memory:" if self._path is None else str(self._path / DB_NAME)
@@ -136,8 +148,22 @@ class HashIndex:
         if not self._index.external and len(self._index) != n_meta:
             raise IndexFormatError(f"{path}: {len(self._index)} codes but {n_meta} metadata rows")
         self._desc = self._open_descriptors(path, state, n_meta)
+        sign_mean = json.loads(state.get("sign_mean") or "null")
+        self._sign_mean, self._short = self._sign_index(sign_mean, self._desc)
         self._cleanup(keep=codes_file, keep_descriptors=state.get("descriptors_file", ""))
         return self
+
+    @staticmethod
+    def _sign_index(sign_mean, store: DescriptorStore | None) -> tuple[np.ndarray | None, BinaryIndex | None]:
+        """(sign mean, local ``mih`` over the stored descriptors' sign codes), or (None, None)."""
+        if sign_mean is None or store is None:
+            return None, None
+        mean = np.asarray(sign_mean, np.float32)
+        short = INDEXES.build("mih", n_bits=int(mean.size))
+        for a in range(0, len(store), 65536):  # bounded float memory on a large catalogue
+            ids, rows = store.ids[a:a + 65536], store.rows[a:a + 65536]
+            short.add(ids, sign_codes(rows, mean))
+        return mean, short
 
     @staticmethod
     def _open_descriptors(path: Path, state: dict, n_items: int) -> DescriptorStore | None:
@@ -169,6 +195,23 @@ class HashIndex:
     def descriptor_dim(self) -> int | None:
         """Width of the stored int8 descriptors (two-stage search), None without them."""
         return None if self._desc is None else self._desc.dim
+
+    @property
+    def sign_bits(self) -> int:
+        """Width of the descriptors' sign code that shortlists two-stage search (0: the
+        shortlist comes from the hash codes)."""
+        return 0 if self._sign_mean is None else int(self._sign_mean.size)
+
+    def sign_code(self, descriptors) -> np.ndarray:
+        """Float query descriptors ``(Q, d)`` -> their packed sign codes ``(Q, B/8)``."""
+        if self._sign_mean is None:
+            raise ValueError("this index has no sign code")
+        return sign_codes(np.asarray(descriptors, np.float32), self._sign_mean)
+
+    @property
+    def sign_index(self) -> BinaryIndex | None:
+        """The local index over the descriptors' sign codes (None without a sign code)."""
+        return self._short
 
     def get_descriptors(self, ids) -> np.ndarray:
         """Stored int8 descriptors ``(len(ids), d)`` of ``ids`` (KeyError for an unknown id)."""
@@ -230,6 +273,7 @@ class HashIndex:
                              else "this index stores no descriptors")
         if self._desc is not None:
             descriptors = self._desc.check_rows(descriptors, ids.shape[0])
+        signs = None if self._short is None else sign_codes(descriptors, self._sign_mean)
         rows, attr_rows = [], []
         for j, item_id in enumerate(ids.tolist()):
             image_path, attrs = self._split_metadata(None if metadata is None else metadata[j])
@@ -253,6 +297,8 @@ class HashIndex:
                 self._db.executemany("INSERT INTO attrs (key, value, id) VALUES (?, ?, ?)", attr_rows)
                 if self._desc is not None:
                     self._desc.add(ids, descriptors)
+                if self._short is not None:  # last: ids already checked new and distinct
+                    self._short.add(ids, signs)
             except BaseException:
                 self._db.execute("ROLLBACK TO add_items")
                 self._db.execute("RELEASE add_items")
@@ -270,6 +316,8 @@ class HashIndex:
             removed = self._index.remove(ids)
             if self._desc is not None:
                 self._desc.remove(ids)
+            if self._short is not None:
+                self._short.remove(ids)
             params = [(int(i),) for i in ids]
             self._db.executemany("DELETE FROM items WHERE id = ?", params)
             self._db.executemany("DELETE FROM attrs WHERE id = ?", params)
@@ -404,9 +452,7 @@ class HashIndex:
             raise ValueError(f"query descriptors must be (Q, {self._desc.dim}), got {descriptors.shape}")
         k, shortlist = BinaryIndex.check_k(k), BinaryIndex.check_k(shortlist)
         with self._lock:
-            dist, cand = self.search(codes, max(k, shortlist), filters)
-            if len(cand) != len(descriptors):
-                raise ValueError(f"{len(cand)} codes but {len(descriptors)} descriptors")
+            dist, cand = self._shortlist(codes, descriptors, max(k, shortlist), filters)
             scores, pos = self._desc.rerank(descriptors, cand, k)
         found = pos >= 0
         at = np.where(found, pos, 0)
@@ -423,6 +469,25 @@ class HashIndex:
             raise ValueError("this index stores no descriptors")
         with self._lock:  # add/remove replace the store's arrays
             return self._desc.rerank(descriptors, candidates, BinaryIndex.check_k(k))
+
+    def _shortlist(self, codes, descriptors: np.ndarray, r: int,
+                   filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:
+        """The first stage: (Hamming distances of the hash codes ``(Q, r)``, ids ``(Q, r)``)
+        of the ``r`` nearest by the hash code, or by the descriptors' sign code when the
+        index has one (the reported distance stays the hash code's)."""
+        codes = self._index.check_codes(codes)
+        if len(codes) != len(descriptors):
+            raise ValueError(f"{len(codes)} codes but {len(descriptors)} descriptors")
+        if self._short is None:
+            return self.search(codes, r, filters)
+        allowed = None if not filters else self.filter_ids(filters)
+        _, cand = self._short.search(self.sign_code(descriptors), r, filter_ids=allowed)
+        dist = np.zeros(cand.shape, np.int32)
+        for q, row in enumerate(cand):
+            ok = row >= 0
+            if ok.any():
+                dist[q, ok] = C.hamming(codes[q:q + 1], self._index.get_codes(row[ok]))[0]
+        return dist, cand
 
     def radius_search(self, codes, radius: int, filters: Filters | None = None):
         """Items within ``radius`` (matching ``filters``) -> per query (distances, ids)."""

@@ -44,6 +44,20 @@ class DescriptorStore:
         return int(self._ids.size)
 
     @property
+    def ids(self) -> np.ndarray:
+        """Stored ids ``(N,)`` int64, ascending (read-only view)."""
+        v = self._ids.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Stored int8 rows ``(N, dim)`` in :attr:`ids` order (read-only view)."""
+        v = self._rows.view()
+        v.flags.writeable = False
+        return v
+
+    @property
     def nbytes(self) -> int:
         table = 0 if self._table is None else self._table.nbytes
         return int(self._rows.nbytes + self._ids.nbytes + self._sqnorms.nbytes + table)

@@ -26,7 +26,7 @@ import numpy as np
 
 from fashionhash import codes as C
 from fashionhash.descriptors import dequantize, quantize
-from fashionhash.index import HashIndex
+from fashionhash.index import BinaryIndex, HashIndex
 from fashionhash.index.build import (
     IndexInfo,
     encode_photo,
@@ -343,9 +343,10 @@ class SearchService:
 
     # ---------------------------------------------------------------- search
 
-    def _subset_codes(self, filters: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted ids matching ``filters`` and their packed codes (cached until a write)."""
-        key = ("codes",) + tuple(sorted((k, tuple(sorted(v))) for k, v in filters.items()))
+    def _subset_codes(self, filters: dict[str, list[str]], space: BinaryIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted ids matching ``filters`` and their packed codes in ``space`` (the hash
+        codes' index or the descriptors' sign-code index), cached until a write."""
+        key = (id(space),) + tuple(sorted((k, tuple(sorted(v))) for k, v in filters.items()))
         with self._cache_lock:
             hit = self._codes_cache.get(key)
             if hit is not None:
@@ -353,8 +354,8 @@ class SearchService:
                 return hit
             gen = self._generation
         ids = self._ids(filters)
-        ids = ids[self.index.index.contains(ids)] if ids.size else ids
-        codes = self.index.index.get_codes(ids) if ids.size else np.zeros((0, self.index.index.n_bytes), np.uint8)
+        ids = ids[space.contains(ids)] if ids.size else ids
+        codes = space.get_codes(ids) if ids.size else np.zeros((0, space.n_bytes), np.uint8)
         with self._cache_lock:
             if gen == self._generation:
                 self._codes_cache[key] = (ids, codes)
@@ -362,18 +363,20 @@ class SearchService:
                     self._codes_cache.popitem(last=False)
         return ids, codes
 
-    def _nearest(self, code: np.ndarray, want: int, filters: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """The ``want`` nearest (distances, ids) among items matching ``filters``, ordered
-        by (distance, id) like the index.
+    def _nearest(self, code: np.ndarray, want: int, filters: dict[str, list[str]],
+                 space: BinaryIndex | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``want`` nearest (distances, ids) among items matching ``filters`` in
+        ``space`` (default: the hash codes), ordered by (distance, id) like the index.
 
         Unfiltered queries go to the index. Filtered ones scan the cached codes of the
         matching items (one popcount pass over at most the whole catalogue, well under a
         millisecond for 44k 64-bit codes); asking the index instead would map every allowed
         id to its row on every request, which costs more than the scan for broad filters."""
+        space = self.index.index if space is None else space
         if not filters:
-            dist, ids = self.index.index.search(code, want)
+            dist, ids = space.search(code, want)
             return dist[0], ids[0]
-        ids, codes = self._subset_codes(filters)
+        ids, codes = self._subset_codes(filters, space)
         if ids.size == 0:
             return np.empty(0, np.int32), np.empty(0, np.int64)
         dist = C.hamming(code, codes)[0]
@@ -393,7 +396,12 @@ class SearchService:
         t0 = time.perf_counter()
         extra = 1 if exclude is not None else 0
         two_stage = descriptor is not None and self.shortlist is not None
-        dist, ids = self._nearest(code, max(k, self.shortlist) + extra if two_stage else k + extra, filters)
+        by_sign = two_stage and self.index.sign_bits > 0
+        want = max(k, self.shortlist) + extra if two_stage else k + extra
+        if by_sign:
+            dist, ids = self._nearest(self.index.sign_code(descriptor), want, filters, self.index.sign_index)
+        else:
+            dist, ids = self._nearest(code, want, filters)
         keep = ids >= 0 if exclude is None else (ids >= 0) & (ids != exclude)
         dist, ids = dist[keep], ids[keep]
         scores = None
@@ -401,14 +409,25 @@ class SearchService:
             scores, pos = self.index.rerank(descriptor, ids[None], k)
             scores, pos = scores[0], pos[0][pos[0] >= 0]
             dist, ids = dist[pos], ids[pos]
-        ranking = ({"stage": "two-stage", "shortlist": int(self.shortlist),
-                    "by": f"Hamming top {self.shortlist}, re-ranked by descriptor cosine"} if two_stage
-                   else {"stage": "hamming", "by": "Hamming distance"})
+        if by_sign and ids.size:  # the distance shown is always the hash code's
+            ids = ids[:k]
+            dist = C.hamming(code, self.index.index.get_codes(ids))[0].astype(np.int32)
+        ranking = self._ranking(two_stage)
         pairs = list(zip(dist[:k].tolist(), ids[:k].tolist(), strict=True))
         metas = self.index.get_many([i for _, i in pairs])
         results = [self.item_json(m, d, None if scores is None else scores[j])
                    for j, ((d, _), m) in enumerate(zip(pairs, metas, strict=True)) if m is not None]
         return results, (time.perf_counter() - t0) * 1000, ranking
+
+    def _ranking(self, two_stage: bool) -> dict[str, Any]:
+        """How results are ranked, for the response and the page."""
+        if not two_stage:
+            return {"stage": "hamming", "by": "Hamming distance"}
+        bits = self.index.sign_bits
+        first = (f"top {self.shortlist} by a {bits}-bit sign code of the descriptor" if bits
+                 else f"Hamming top {self.shortlist}")
+        return {"stage": "two-stage", "shortlist": int(self.shortlist), "sign_bits": bits,
+                "by": f"{first}, re-ranked by descriptor cosine"}
 
     def similar(self, item_id: int, k: int = 10, filters: Filters | None = None) -> dict[str, Any]:
         """Query by example: the k items nearest to an item's stored code (itself excluded)."""
@@ -576,7 +595,7 @@ class SearchService:
             "filter_keys": sorted(self.index.known_keys()),
             "facet_keys": [k for k in self.facet_keys if k in self.index.known_keys()],
             "summary_keys": list(self.summary_keys),
-            "ranking": ({"stage": "two-stage", "shortlist": self.shortlist,
+            "ranking": ({"stage": "two-stage", "shortlist": self.shortlist, "sign_bits": self.index.sign_bits,
                          "descriptor_bytes": self.index.descriptor_dim} if self.shortlist is not None
                         else {"stage": "hamming"}),
             "writes_enabled": bool(self.config.token), "max_k": self.config.max_k,

@@ -109,8 +109,8 @@ function card(item, onClick) {
     node.append(badge);
   }
   if (item.score !== undefined) {
-    // two-stage search: the shortlist came by Hamming distance, this order by the descriptor
-    node.append(el("span", { class: "score", title: "descriptor cosine (second stage: re-ranks the Hamming shortlist)", text: `cos ${item.score.toFixed(2)}` }));
+    // two-stage search: the shortlist came by a binary code, this order by the descriptor
+    node.append(el("span", { class: "score", title: "descriptor cosine (second stage: re-ranks the shortlist)", text: `cos ${item.score.toFixed(2)}` }));
   }
   node.addEventListener("click", () => onClick(item));
   return node;
@@ -195,8 +195,11 @@ function showResults(res, { kind, title, meta, image }) {
   }
   if (res.ranking) {
     // which stage ranked what: the shortlist by Hamming distance, its order by descriptor
+    const first = res.ranking.sign_bits
+      ? `the ${res.ranking.shortlist} nearest by a ${res.ranking.sign_bits}-bit sign code of the descriptor`
+      : `the ${res.ranking.shortlist} nearest codes (Hamming distance d)`;
     parts.push(el("br"), el("span", { class: "ranking", dataset: { stage: res.ranking.stage }, text: res.ranking.stage === "two-stage"
-      ? `Ranked in two stages: the ${res.ranking.shortlist} nearest codes (Hamming distance d), re-ordered by descriptor similarity (cos).`
+      ? `Ranked in two stages: ${first}, re-ordered by descriptor similarity (cos); d is the hash code's Hamming distance.`
       : "Ranked by Hamming distance of the codes (d)." }));
   }
   time.append(...parts);
