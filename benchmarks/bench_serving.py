@@ -230,6 +230,18 @@ def expect_results(k: int, stage: str | None = None, search_ms: list | None = No
     return check
 
 
+def code_version() -> str:
+    """The commit measured (with ``+`` when the working tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + "+" * bool(dirty)
+
+
 def stats(port: int) -> dict:
     """The service's ``GET /stats`` (size, backend, how it ranks)."""
     import http.client
@@ -256,7 +268,9 @@ def ranking_text(ranking: dict, n_items: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="evaluated run directory (default runs/demo when evaluated)")
-    p.add_argument("--index", type=Path, help="index of the run (default RUN/index, built if missing)")
+    p.add_argument("--index", type=Path,
+                   help="index of the run (default RUN/index, built if missing); without --run: that index "
+                        "alone, searched by example")
     p.add_argument("--synthetic", action="store_true", help=f"{N_SYNTHETIC:,} synthetic items, no model")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
@@ -286,13 +300,17 @@ def main(argv: list[str] | None = None) -> int:
 
     n_req = 200 if args.quick else args.requests
     tmp = tempfile.TemporaryDirectory(prefix="bench_serving_")
-    run = None if args.synthetic else (args.run or ROOT / "runs" / "demo")
+    index_only = args.index is not None and args.run is None and not args.synthetic
+    run = None if args.synthetic or index_only else (args.run or ROOT / "runs" / "demo")
     if run is not None and not (run / "metrics.json").is_file():
         if args.run:
             raise SystemExit(f"{run} is not an evaluated run (no metrics.json)")
         print(f"{run} is not evaluated yet: using a synthetic index", flush=True)
         run = None
-    if run is None:
+    if index_only:  # no model: query by example only, ranked with the index's own descriptors
+        index_path = args.index
+        source = f"index `{_rel(index_path)}` alone (no model: no photo uploads)"
+    elif run is None:
         index_path = synthetic_index(Path(tmp.name) / "index", 2000 if args.quick else N_SYNTHETIC)
         source = (f"synthetic: clustered random {N_BITS}-bit codes (1,500 centres, 0-4 bits flipped), "
                   "fake metadata, no model")
@@ -371,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
-        f"`python benchmarks/bench_serving.py {argv_text}`".replace(" `", "`"),
+        f"`python benchmarks/bench_serving.py {argv_text}`".replace(" `", "`") + f" (code {code_version()})",
         "",
         f"Data: {source}; {n_items:,} items, {n_bits}-bit codes, `mih` backend. Server: one uvicorn "
         f"process as `fashionhash serve` runs it ({server_stack(args.plain_uvicorn)}), clients: threads "
