@@ -257,9 +257,10 @@ def stats(port: int) -> dict:
 def ranking_text(ranking: dict, n_items: int) -> str:
     if ranking["stage"] != "two-stage":
         return "Hamming distance alone (one stage)"
-    r = int(ranking["shortlist"])
-    return (f"two-stage: the Hamming top {r:,} ({r / max(n_items, 1):.0%} of the catalogue) re-ranked by "
-            f"cosine to the {ranking['descriptor_bytes']}-d int8 descriptor")
+    r, bits = int(ranking["shortlist"]), int(ranking.get("sign_bits") or 0)
+    first = f"a {bits}-bit sign code of the descriptor" if bits else "the hash code"
+    return (f"two-stage: the top {r:,} ({r / max(n_items, 1):.0%} of the catalogue) by Hamming distance on "
+            f"{first}, re-ranked by cosine to the {ranking['descriptor_bytes']}-d int8 descriptor")
 
 
 # ---------------------------------------------------------------------------------- main
