@@ -231,11 +231,12 @@ def expect_results(k: int, stage: str | None = None, search_ms: list | None = No
 
 
 def code_version() -> str:
-    """The commit measured (with ``+`` when the working tree differs from it)."""
+    """The commit measured (with ``+`` when the code in the working tree differs from it;
+    results files do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "*.py"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
