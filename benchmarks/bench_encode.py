@@ -122,7 +122,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from fashionhash.encoding import build_encoder
+    from fashionhash.models.encoder import build_encoder
     from fashionhash.models.features import _PrepSpec, _prepare_batch
     from fashionhash.pipeline import load_run
 
@@ -137,10 +137,10 @@ def main() -> None:
     t0 = time.perf_counter()
     onnx_fx = run.encoder("onnx")
     print(f"ONNX export + session (cached after the first run): {time.perf_counter() - t0:.1f}s", flush=True)
-    eager_fx = build_encoder(run, "torch", channels_last=False)
-    cl_fx = build_encoder(run, "torch", channels_last=True)
-    onnx_intra = build_encoder(run, "onnx", parallel_batches=1, threads=cpus)
-    cl_par = build_encoder(run, "torch", channels_last=True, parallel_batches=cpus)
+    eager_fx = build_encoder(run.method, m, "torch", channels_last=False)
+    cl_fx = build_encoder(run.method, m, "torch", channels_last=True)
+    onnx_intra = build_encoder(run.method, m, "onnx", parallel_batches=1, threads=cpus)
+    cl_par = build_encoder(run.method, m, "torch", channels_last=True, parallel_batches=cpus)
 
     # model-only input: decoded once, outside the timing
     spec = _PrepSpec(m.image_size, onnx_fx.channels, onnx_fx.resize_mode, None, 1.0)

@@ -1,5 +1,5 @@
 """The architecture figure of docs/method.md is drawn from the code: it must keep rendering."""
-from fashionhash.models.diagram import draw_architecture
+from fashionhash.methods.diagram import draw_architecture
 
 
 def test_architecture_figure_renders(tmp_path):

@@ -24,7 +24,8 @@ from torch import nn
 
 from fashionhash import distributed
 from fashionhash.config import Config, load_config, save_config
-from fashionhash.encoding import index_encoded, merge_chunks
+from fashionhash.encoding import merge_chunks
+from fashionhash.index.build import index_encoded
 from fashionhash.index import HashIndex
 from fashionhash.pipeline import build_method, load_run
 from fashionhash.training import resume_config, train

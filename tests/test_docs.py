@@ -67,6 +67,6 @@ def test_the_peer_table_lives_in_the_results_page():
     assert "<!-- table:start -->" not in (REPO / "README.md").read_text()
     results = (REPO / "docs" / "results.md").read_text()
     assert results.count("<!-- table:start -->") == 1 and results.count("<!-- table:end -->") == 1
-    assert "python benchmarks/run_table.py --readme docs/results.md" in results
+    assert "fashionhash table --readme docs/results.md" in results
     block = results.split("<!-- table:start -->")[1].split("<!-- table:end -->")[0]
     assert "### Product photos" in block and "](../benchmarks/results/pr_kaggle.png)" in block

@@ -27,11 +27,10 @@ from fashionhash.data.transforms import ImageError
 from fashionhash.encoding import (
     IncompleteEncoding,
     encode_folder,
-    index_encoded,
     list_images,
     merge_chunks,
 )
-from fashionhash.index.build import IndexInfo
+from fashionhash.index.build import IndexInfo, index_encoded
 from fashionhash.models.backbones import preprocessing_for
 from fashionhash.pipeline import build_method, image_array, load_run
 

@@ -1,39 +1,29 @@
-"""The results-table script end to end in its --quick form, on the tiny real-photo and
-synthetic Fashion-MNIST fixtures: files written, one row per method, finite numbers, and a
-second invocation resumes (trains nothing) instead of starting again."""
-import importlib.util
+"""``fashionhash table`` end to end in its --quick form, on the tiny real-photo and
+synthetic Fashion-MNIST fixtures: files written, one row per method, finite numbers, the
+learning rate chosen on val, epochs shown, and a second invocation resumes (trains nothing)
+instead of starting again."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def run_table():
-    spec = importlib.util.spec_from_file_location("run_table", REPO / "benchmarks" / "run_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+from fashionhash.cli import main
+from fashionhash.table.report import update_readme
 
 
 SCORES = ("map", "map@1000", "top1", "ndcg@10")
 
 
 @pytest.mark.slow
-def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys):
+def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
     runs, out = tmp_path / "runs", tmp_path / "out"
     # one method of each kind (adversarial, real-valued SGML, closed-form, naive) keeps it short
     # two runs side by side in child processes (the CLI): the path the full table takes
-    argv = ["--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist), "--jobs", "2",
+    argv = ["table", "--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist), "--jobs", "2",
             "--methods", "adversarial,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
             "--readme", str(tmp_path / "README.md")]
     (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nSTALE-TABLE\n<!-- table:end -->\n\nafter\n")
-    assert run_table.main(argv) == 0
+    assert main(argv) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "STALE-TABLE" not in readme and readme.endswith("<!-- table:end -->\n\nafter\n")
     assert "\n### Notes" in readme and "](out/pr_kaggle.png)" in readme
@@ -62,6 +52,14 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
         paper = next(r for r in rows if r["label"] == "adversarial")
         assert paper["seeds"] == [0, 1] and math.isfinite(paper["std"]["map"])
         assert " ± " in md
+        # every learned row trained with the learning rate chosen on val, until early stopping
+        chosen = json.loads((runs / ds / "lr" / "chosen_16.json").read_text())
+        assert set(chosen["chosen"]) == {"adversarial", "sgml"} and chosen["lrs"] == [1e-3, 3e-3]
+        for r in rows:
+            if r["label"] in ("adversarial", "sgml"):
+                assert r["mean"]["lr"] == chosen["chosen"][r["label"]]
+                assert 1 <= r["mean"]["best_epoch"] <= r["mean"]["epochs"] <= 2
+        assert "| lr | epochs | best epoch |" in md
         # every method of a dataset used the one split file
         split = (runs / ds / "split.json").read_text()
         for run_split in (runs / ds).glob("*_s*/split.json"):
@@ -73,21 +71,43 @@ def test_quick_table(run_table, tiny_kaggle, synthetic_fmnist, tmp_path, capsys)
     stamps = [p.stat().st_mtime_ns for p in metrics]
     timings = {ds: (runs / ds / "timings.json").read_text() for ds in ("kaggle", "fashion_mnist")}
     capsys.readouterr()
-    assert run_table.main([*argv, "--jobs", "1"]) == 0
+    caplog.clear()
+    assert main([*argv, "--jobs", "1"]) == 0
     assert [p.stat().st_mtime_ns for p in metrics] == stamps
     # ... and a table only rebuilt adds nothing to the measured time
     assert {ds: (runs / ds / "timings.json").read_text() for ds in timings} == timings
-    assert "trained in" not in capsys.readouterr().out
+    assert "trained and evaluated" not in caplog.text and "lr candidate" not in caplog.text
 
 
-def test_table_goes_into_a_page_in_another_folder(run_table, tmp_path):
+def test_table_goes_into_a_page_in_another_folder(tmp_path):
     """--readme docs/results.md: headings one level down, figure links from docs/."""
     page, out = tmp_path / "docs" / "results.md", tmp_path / "benchmarks" / "results"
     page.parent.mkdir()
     page.write_text("# R\n\n## Peers\n\n<!-- table:start -->\nold\n<!-- table:end -->\n\nreading\n")
     md = "# Results table\n\n`cmd`\n\n## Product photos\n\n| a |\n|---|\n\n![pr](pr_kaggle.png)\n"
-    run_table.update_readme(page, md, out)
+    update_readme(page, md, out)
     text = page.read_text()
     assert "old" not in text and "\n### Product photos\n" in text and "# Results table" not in text
     assert "![pr](../benchmarks/results/pr_kaggle.png)" in text
     assert text.startswith("# R\n\n## Peers\n\n<!-- table:start -->\n`cmd`") and text.endswith("-->\n\nreading\n")
+
+
+def test_a_diverged_lr_candidate_counts_as_trained_and_is_never_chosen(tmp_path):
+    from fashionhash.config import load_config
+    from fashionhash.table.runs import _trained, best_val
+
+    cfg = load_config(None, ["train.epochs=10", "train.patience=2"])
+
+    def run(name, *records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    def epoch(e, score, best):
+        return {"event": "epoch", "epoch": e, "val": {"map@1000": score}, "best_epoch": best}
+
+    ok = run("ok", epoch(0, 0.5, 0), epoch(1, 0.4, 0), epoch(2, 0.45, 0))  # 2 epochs past the best
+    going = run("going", epoch(0, 0.5, 0), epoch(1, 0.6, 1))
+    bad = run("bad", epoch(0, 0.7, 0), {"event": "diverged", "epoch": 1, "step": 3, "parts": {}})
+    assert _trained(ok, cfg) and not _trained(going, cfg) and _trained(bad, cfg)
+    assert best_val(ok, "map@1000") == 0.5 and best_val(bad, "map@1000") == -math.inf

@@ -111,3 +111,40 @@ def test_nan_loss_stops_with_clear_message(synthetic_fmnist, tmp_path, monkeypat
         train(cfg, tmp_path / "nan")
     lines = (tmp_path / "nan" / "log.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["event"] == "diverged"
+
+
+def _scripted_val(monkeypatch, scores):
+    """Val map@1000 follows ``scores`` epoch by epoch (whatever the weights)."""
+    from fashionhash.training import trainer
+
+    it = iter(scores)
+    monkeypatch.setattr(trainer._ValSet, "scores", lambda self, method: {"map@1000": next(it), "top1": 0.0})
+
+
+def _epochs(run):
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(synthetic_fmnist, tmp_path, monkeypatch):
+    # best at epoch 1, then 2 epochs without a better score: stop after epoch 3 of at most 10
+    _scripted_val(monkeypatch, [0.2, 0.5, 0.4, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--quiet",
+                 *_fm(synthetic_fmnist, "train.epochs=10", "train.patience=2")]) == 0
+    log = _epochs(run)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [0, 1, 2, 3]
+    assert log[-1] == {**log[-1], "event": "early_stop", "epoch": 3, "best_epoch": 1, "patience": 2}
+    best = torch.load(run / "checkpoints/best.pt", weights_only=False)
+    assert best["epoch"] == 1 and best["val"]["map@1000"] == 0.5
+    # resuming a run that stopped early trains nothing more
+    assert main(["train", "--run-dir", str(run), "--resume", "--quiet"]) == 0
+    assert [r["epoch"] for r in _epochs(run) if r["event"] == "epoch"] == [0, 1, 2, 3]
+    assert torch.load(run / "checkpoints/last.pt", weights_only=False)["epoch"] == 3
+
+
+def test_patience_zero_trains_every_epoch(synthetic_fmnist, tmp_path, monkeypatch):
+    _scripted_val(monkeypatch, [0.5, 0.1, 0.1, 0.1])
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--quiet", *_fm(synthetic_fmnist, "train.epochs=4")]) == 0
+    assert [r["event"] for r in _epochs(run)] == ["epoch"] * 4
+    assert torch.load(run / "checkpoints/best.pt", weights_only=False)["epoch"] == 0

@@ -92,6 +92,32 @@ def test_photo_search_is_two_stage_and_finds_the_photo_first(ts_service):
     assert ts_service.stats()["ranking"]["stage"] == "two-stage"
 
 
+def test_a_large_query_photo_is_shrunk_to_the_catalogues_size(ts_service):
+    """A sharp photo 5x the thumbnails' size is encoded at their size (data.query_shrink),
+    and still finds its product first; with the option off it is encoded as it came."""
+    import io
+
+    from PIL import Image
+
+    from fashionhash.index.build import _decode_upload
+
+    item_id, data = _item_photo(ts_service)
+    run = ts_service.run
+    w, h = run.meta["photo_size"]
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.size == (w, h)  # the tiny catalogue's photos are all one size
+        big = img.convert("RGB").resize((w * 5, h * 5), Image.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)
+    assert _decode_upload(run, buf.getvalue()).size == (w, h)
+    assert ts_service.search_image(buf.getvalue(), k=3)["results"][0]["id"] == item_id
+    run.cfg.data.query_shrink = False
+    try:
+        assert _decode_upload(run, buf.getvalue()).size == (w * 5, h * 5)
+    finally:
+        run.cfg.data.query_shrink = True
+
+
 def test_codes_only_is_one_flag_away(ts_run, ts_index):
     svc = SearchService.open(ts_run, ts_index, ServiceConfig(two_stage=False))
     try:

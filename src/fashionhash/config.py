@@ -30,6 +30,9 @@ class DataConfig:
     n_views: int = 1  # augmented views per training item (item-level positives)
     n_damaged: int = 1000  # damaged query copies for the same-product evaluation
     augment_strength: float = 1.0
+    # shrink an uploaded photo larger than the catalogue's photos to their size before
+    # encoding: a sharp phone photo then looks like the thumbnails the index was made from
+    query_shrink: bool = True
 
 
 @dataclass
@@ -51,7 +54,10 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 20  # with patience > 0: the most epochs
+    # early stopping: stop once select_metric on val has not improved for this many epochs
+    # (the best epoch's checkpoint is kept either way); 0 = train all the epochs
+    patience: int = 0
     batch_size: int = 256
     lr: float = 1e-3
     lr_disc: float = 1e-3
@@ -62,7 +68,7 @@ class TrainConfig:
     # mode with data.n_damaged > 0 also same_product_top1 | same_product_top10 | graded_ndcg@10
     select_metric: str = "map@1000"
     num_workers: int = 2
-    threads: int | None = None
+    threads: int | None = None  # None: 1 in frozen mode, else the cores shared by the local processes
 
 
 @dataclass
@@ -82,6 +88,8 @@ class DescriptorConfig:
     learn_items: int = 10000  # training photos whose views it sees
     learn_views: int = 2  # augmented views per photo (besides the photo itself)
     learn_tau: float = 0.05
+    # Adam; on val (80 epochs, one view) top-1 0.620 at 1e-3, 0.656 at 3e-3, 0.666 at 1e-2, 0.672 at 3e-2
+    learn_lr: float = 0.02
 
 
 @dataclass

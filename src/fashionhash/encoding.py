@@ -1,7 +1,9 @@
-"""Fast encoding: a run's whole encoder (backbone + hash head) on ONNX Runtime or PyTorch,
-its ONNX export, and resumable, shardable batch encoding of a folder or CSV manifest.
+"""Fast encoding: a run's whole encoder (backbone + hash head, built in
+:mod:`fashionhash.models.encoder`) on ONNX Runtime or PyTorch, its ONNX export, and
+resumable, shardable batch encoding of a folder or CSV manifest; indexing a finished
+encoding is :func:`fashionhash.index.build.index_encoded` (the index sits above this module).
 
-Engines. ``Encoder(run, engine)`` maps photos to relaxed codes ``(N, K)`` in [-1, 1] with
+Engines. ``run.encoder(engine)`` maps photos to relaxed codes ``(N, K)`` in [-1, 1] with
 the whole encoder in one engine: ``"onnx"`` (the graph is exported once per weights into
 ``$FASHIONHASH_CACHE/onnx/`` and run by onnxruntime on CPU) or ``"torch"`` (eager,
 inference mode). A frozen-mode run's encoder is the ImageNet backbone that made its cached
@@ -12,7 +14,8 @@ those). ``export_onnx(run, path)`` writes the graph for use elsewhere.
 
 Batch encoding, in one process or one shard per process (e.g. per torchrun rank)::
 
-    from fashionhash.encoding import encode_folder, merge_chunks, index_encoded
+    from fashionhash.encoding import encode_folder, merge_chunks
+    from fashionhash.index.build import index_encoded
     report = encode_folder(run, "photos/", "out/", engine="onnx", shard=(rank, world_size))
     # once every shard has finished (after a barrier, on one process):
     merged = merge_chunks("out/")          # ids (N,), paths, packed (N, B) uint8, real (N, K)
@@ -47,21 +50,17 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
-import torch
-from torch import nn
 
 from fashionhash import codes as C
-from fashionhash.index.persist import atomic_write
+from fashionhash.files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fashionhash.index import HashIndex
     from fashionhash.models.features import Engine, FeatureExtractor
     from fashionhash.pipeline import Run
 
@@ -73,15 +72,12 @@ __all__ = [
     "list_images",
     "read_image_manifest",
     "image_list",
-    "EncoderNet",
-    "build_encoder",
     "export_onnx",
     "EncodeReport",
     "encode_folder",
     "Encoded",
     "IncompleteEncoding",
     "merge_chunks",
-    "index_encoded",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -198,55 +194,6 @@ def image_list(sources: Sources) -> ImageList:
 
 
 # ------------------------------------------------------------------------------ encoder
-
-
-class EncoderNet(nn.Module):
-    """Normalised photos ``(B, C, S, S)`` -> relaxed codes ``(B, K)``: ``backbone.embed``
-    (the frozen run's ImageNet backbone; None for finetune runs, whose method holds its
-    own) then ``method.encode``. Exposes ``embed``/``feat_dim`` so that a
-    :class:`~fashionhash.models.features.FeatureExtractor` runs and exports it."""
-
-    def __init__(self, method: nn.Module, backbone: nn.Module | None) -> None:
-        super().__init__()
-        self.method = method
-        self.backbone = backbone
-        self.feat_dim = int(method.n_bits)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.encode(x if self.backbone is None else self.backbone.embed(x))
-
-
-def build_encoder(run: "Run", engine: "Engine", **options) -> "FeatureExtractor":
-    """The run's whole encoder in ``engine`` as a ``FeatureExtractor`` whose "features"
-    are relaxed codes: ``fx(photos) -> (real (N, K) float32, ok (N,) bool)``, with the
-    same decoding (letterbox at ``model.image_size``) for both engines. ``options`` go to
-    ``FeatureExtractor`` (``threads``, ``parallel_batches``, ``channels_last``: on by
-    default for the torch engine, the faster layout on CPU). Prefer
-    ``run.encoder(engine)``, which builds it once."""
-    from fashionhash.models.backbones import build_backbone
-    from fashionhash.models.features import FeatureExtractor
-
-    m = run.cfg.model
-    # frozen runs were trained on features of the registry's pretrained backbone
-    backbone = build_backbone(m.backbone) if m.mode == "frozen" else None
-    net = EncoderNet(run.method, backbone).eval()
-    options.setdefault("channels_last", engine == "torch")
-    return FeatureExtractor(m.backbone, image_size=m.image_size, engine=engine, model=net, **options)
-
-
-def build_descriptor_encoders(run: "Run", engine: "Engine", scales: Sequence[int]) -> list["FeatureExtractor"]:
-    """Extractors for two-stage queries (frozen runs): at ``scales[0]`` (the model's size)
-    photos -> ``[relaxed code | raw descriptor]``, at each other scale photos -> raw
-    descriptor; see :meth:`fashionhash.pipeline.Run.encode_two_stage`."""
-    from fashionhash.models.backbones import build_backbone
-    from fashionhash.models.descriptor import DescriptorNet
-    from fashionhash.models.features import FeatureExtractor
-
-    m = run.cfg.model
-    backbone = build_backbone(m.backbone)
-    nets = [DescriptorNet(backbone, head=run.method)] + [DescriptorNet(backbone) for _ in scales[1:]]
-    return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval())
-            for size, net in zip(scales, nets)]
 
 
 def export_onnx(run: "Run", path: str | os.PathLike) -> Path:
@@ -535,58 +482,3 @@ def merge_chunks(out_dir: str | os.PathLike) -> Encoded:
         packed[want], real[want], ok[want] = parts["packed"], parts["real"], parts["ok"]
         errors.update(zip(want[~parts["ok"]].tolist(), parts["errors"].tolist(), strict=True))
     return Encoded(images, packed, real, ok, errors, n_bits, plan)
-
-
-def index_encoded(
-    encoded: "Encoded | str | os.PathLike",
-    index_path: str | os.PathLike,
-    *,
-    backend: str = "mih",
-    overwrite: bool = False,
-) -> "HashIndex":
-    """Save the readable photos of a finished encoding (an :class:`Encoded` or its output
-    directory) as a searchable index directory and return it opened.
-
-    Metadata per item: ``image_path`` and the manifest's extra columns. The index records
-    the run and the photo folder (``fashionhash-index.json``), so ``fashionhash search``
-    and ``serve`` work on it as on a catalogue index. The directory appears only when
-    complete; an existing one is replaced only with ``overwrite`` (else FileExistsError).
-    """
-    from fashionhash.data.catalogue import describe_columns
-    from fashionhash.index import HashIndex
-    from fashionhash.index.build import IndexInfo, replace_dir
-
-    if not isinstance(encoded, Encoded):
-        encoded = merge_chunks(encoded)
-    index_path = Path(index_path)
-    if index_path.exists() and not overwrite:
-        raise FileExistsError(f"{index_path} exists: pass overwrite=True (CLI: --force) to rebuild it")
-    images, keep = encoded.images, np.flatnonzero(encoded.ok)
-    metadata = [{"image_path": images.paths[i], **{k: v[i] for k, v in images.attrs.items()}} for i in keep]
-    tmp = index_path.with_name(f".{index_path.name}.building-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        index = HashIndex(backend, encoded.n_bits, tmp)
-        index.add(images.ids[keep], encoded.packed[keep], metadata)
-        index.save()
-        index.close()
-        run = encoded.plan["run"]
-        label = "label" if "label" in images.attrs else None  # the README's manifest format
-        display = describe_columns(images.attrs, label)
-        IndexInfo(
-            run_dir=run["path"], n_bits=encoded.n_bits, backend=backend, items=images.kind,
-            count=int(keep.size), dataset=run["dataset"], catalogue_root=images.root,
-            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), checkpoint_epoch=run["checkpoint_epoch"],
-            encoded=len(images), skipped=len(images) - int(keep.size),
-            max_catalogue_id=int(images.ids.max()) if len(images) else -1,
-            label_key=label, facet_keys=list(display.facets), summary_keys=list(display.summary),
-            name_key=display.name_key,
-        ).save(tmp)
-        replace_dir(tmp, index_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("indexed %d photos into %s (%d unreadable left out)", keep.size, index_path,
-             len(images) - keep.size)
-    return HashIndex.open(index_path)

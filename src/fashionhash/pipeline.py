@@ -287,13 +287,13 @@ class Run:
     def encoder(self, engine: str | None = None) -> "FeatureExtractor":
         """The whole encoder (photos -> relaxed codes ``(N, K)``) in ``engine`` (``"onnx"``
         or ``"torch"``; default ``model.engine``), built once per engine and kept; see
-        :func:`fashionhash.encoding.build_encoder`."""
-        from fashionhash.encoding import build_encoder
+        :func:`fashionhash.models.encoder.build_encoder`."""
+        from fashionhash.models.encoder import build_encoder
 
         engine = engine or self.cfg.model.engine
         with self._lock:  # the service may encode from several threads at once
             if engine not in self._encoders:
-                self._encoders[engine] = build_encoder(self, engine)
+                self._encoders[engine] = build_encoder(self.method, self.cfg.model, engine)
             return self._encoders[engine]
 
     @functools.cached_property
@@ -311,13 +311,14 @@ class Run:
         """Extractors of the two-stage query encoding, built once: at the model's input size
         photos -> ``[relaxed code (K) | raw descriptor (D)]`` in one pass, then at each other
         descriptor scale photos -> raw descriptor."""
-        from fashionhash.encoding import build_descriptor_encoders
+        from fashionhash.models.encoder import build_descriptor_encoders
 
         engine = engine or self.cfg.model.engine
         with self._lock:
             key = ("descriptor", engine)
             if key not in self._encoders:
-                self._encoders[key] = build_descriptor_encoders(self, engine, descriptor_scales(self.cfg))
+                self._encoders[key] = build_descriptor_encoders(self.method, self.cfg.model, engine,
+                                                                 descriptor_scales(self.cfg))
             return self._encoders[key]
 
     def encode_two_stage(self, sources: Sequence, *, num_workers: int = 0,

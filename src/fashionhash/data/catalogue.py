@@ -118,6 +118,21 @@ class Catalogue:
 
         return load_image(self.paths[i])
 
+    def photo_size(self, sample: int = 200, seed: int = 0) -> tuple[int, int] | None:
+        """Median ``(width, height)`` of the catalogue's photos (a seeded sample of file
+        headers), or None when none can be read."""
+        if self.pixels is not None:
+            return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+        rng = np.random.default_rng(seed)
+        sizes = []
+        for i in rng.choice(len(self), min(sample, len(self)), replace=False):
+            try:
+                with Image.open(self.paths[i]) as img:  # reads the header only
+                    sizes.append(img.size)
+            except (OSError, ValueError):
+                continue
+        return tuple(int(v) for v in np.median(sizes, axis=0)) if sizes else None
+
     def sources(self) -> list:
         """Per item, what the feature extractor reads: a path, or an ``(H, W)`` array."""
         if self.paths is not None:

@@ -26,12 +26,13 @@ import numpy as np
 
 from fashionhash import codes as C
 from fashionhash.descriptors import quantize
+from fashionhash.files import atomic_write
 
 from .base import INDEXES, BinaryIndex
 from .catalogue import HashIndex
-from .persist import atomic_write
 
 if TYPE_CHECKING:
+    from fashionhash.encoding import Encoded
     from fashionhash.pipeline import Run
 
 log = logging.getLogger(__name__)
@@ -359,11 +360,20 @@ def remove_photo(index_path: str | os.PathLike, image_path: str | None) -> None:
 
 
 def _decode_upload(run: "Run", data: bytes):
+    """An uploaded photo as a PIL image, shrunk to the catalogue's photo size when it is
+    larger and ``data.query_shrink`` is on (the run records that size in meta.json)."""
+    from PIL import Image
+
     from fashionhash.data.transforms import load_image
 
     # decode once here so a bad photo raises ImageError with its reason; JPEG draft mode
     # decodes big photos straight to about the model's size (faster, less memory)
-    return load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
+    img = load_image(data, draft_size=int(run.cfg.model.image_size), name="upload")
+    size = run.meta.get("photo_size")
+    if run.cfg.data.query_shrink and size and (img.width > size[0] or img.height > size[1]):
+        img = img.copy()
+        img.thumbnail(tuple(size), Image.LANCZOS)  # keeps the aspect ratio, never enlarges
+    return img
 
 
 def _encoded(ok: np.ndarray) -> None:
@@ -465,3 +475,57 @@ def add_images(
     finally:
         index.close()
     return new_ids
+
+
+def index_encoded(
+    encoded: "Encoded | str | os.PathLike",
+    index_path: str | os.PathLike,
+    *,
+    backend: str = "mih",
+    overwrite: bool = False,
+) -> "HashIndex":
+    """Save the readable photos of a finished encoding (an :class:`Encoded` or its output
+    directory) as a searchable index directory and return it opened.
+
+    Metadata per item: ``image_path`` and the manifest's extra columns. The index records
+    the run and the photo folder (``fashionhash-index.json``), so ``fashionhash search``
+    and ``serve`` work on it as on a catalogue index. The directory appears only when
+    complete; an existing one is replaced only with ``overwrite`` (else FileExistsError).
+    """
+    from fashionhash.data.catalogue import describe_columns
+    from fashionhash.encoding import Encoded, merge_chunks
+
+    if not isinstance(encoded, Encoded):
+        encoded = merge_chunks(encoded)
+    index_path = Path(index_path)
+    if index_path.exists() and not overwrite:
+        raise FileExistsError(f"{index_path} exists: pass overwrite=True (CLI: --force) to rebuild it")
+    images, keep = encoded.images, np.flatnonzero(encoded.ok)
+    metadata = [{"image_path": images.paths[i], **{k: v[i] for k, v in images.attrs.items()}} for i in keep]
+    tmp = index_path.with_name(f".{index_path.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        index = HashIndex(backend, encoded.n_bits, tmp)
+        index.add(images.ids[keep], encoded.packed[keep], metadata)
+        index.save()
+        index.close()
+        run = encoded.plan["run"]
+        label = "label" if "label" in images.attrs else None  # the README's manifest format
+        display = describe_columns(images.attrs, label)
+        IndexInfo(
+            run_dir=run["path"], n_bits=encoded.n_bits, backend=backend, items=images.kind,
+            count=int(keep.size), dataset=run["dataset"], catalogue_root=images.root,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), checkpoint_epoch=run["checkpoint_epoch"],
+            encoded=len(images), skipped=len(images) - int(keep.size),
+            max_catalogue_id=int(images.ids.max()) if len(images) else -1,
+            label_key=label, facet_keys=list(display.facets), summary_keys=list(display.summary),
+            name_key=display.name_key,
+        ).save(tmp)
+        replace_dir(tmp, index_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("indexed %d photos into %s (%d unreadable left out)", keep.size, index_path,
+             len(images) - keep.size)
+    return HashIndex.open(index_path)

@@ -18,16 +18,16 @@ either the old file or the new one, never a mix.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fashionhash.files import atomic_write
 
 MAGIC = b"FHASHIDX"
 FORMAT_VERSION = 1
@@ -37,34 +37,6 @@ _MAX_META = 16 << 20
 
 class IndexFormatError(ValueError):
     """An index file is truncated, corrupted, or not an index file at all."""
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (e.g. Windows)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, chunks) -> None:
-    """Write an iterable of bytes-like ``chunks`` to ``path`` atomically and durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_container(path: str | os.PathLike, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:

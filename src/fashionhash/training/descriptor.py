@@ -92,7 +92,7 @@ def fit_descriptor(run_dir: str | Path, *, phase: PhaseFactory | None = None) ->
         views = [raw_db[rows]] + [raw(sub, f"descriptors view {v + 1}", VIEW_SEED + v)
                                   for v in range(max(d.learn_views, 1))]
         maps["learned"] = learn_projection(maps["whitening"], views, epochs=d.learn_epochs, tau=d.learn_tau,
-                                           seed=cfg.train.seed)
+                                           lr=d.learn_lr, seed=cfg.train.seed)
 
     # val: damaged copies of the first val items against the database + the val originals
     n_dam = cfg.data.n_damaged

@@ -1,6 +1,7 @@
 """The trainer: Adam per optimiser group (encoder; discriminator for adversarial methods),
-seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, and the
-best checkpoint chosen on the validation split (never on the test queries).
+seeded epochs, JSON-lines log, a checkpoint every epoch with resume after a kill, the best
+checkpoint chosen on the validation split (never on the test queries), and early stopping
+once that score has not improved for ``train.patience`` epochs.
 
 Under ``torchrun`` every process runs :func:`train` with the same arguments (see
 :mod:`fashionhash.distributed`): each process encodes its share of every global batch of
@@ -178,207 +179,41 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    last_path = ckpt_dir / "last.pt"
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"cannot resume: {run_dir} has no config.yaml")
-    elif last_path.is_file():
-        raise FileExistsError(f"{run_dir} already holds a run: use --resume or another --run-dir")
-    if cfg.train.batch_size % info.world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be "
-                         f"divisible by the number of processes ({info.world})")
-    selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10", "graded_ndcg@10"}
-                                         if cfg.model.mode == "frozen" and cfg.data.n_damaged else set())
-    if cfg.train.select_metric not in selectable:
-        raise ValueError(f"train.select_metric={cfg.train.select_metric!r}: this run's val split "
-                         f"gives {sorted(selectable)}")
-    check_descriptor_config(cfg)
-    if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    ckpt_dir = _check_run(cfg, run_dir, resume, info)
     # the processes of one machine share its cores
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world)
+    threads = cfg.train.threads or _default_threads(cfg, info)
     torch.set_num_threads(threads)
     jlog = _JsonLog(run_dir / "log.jsonl")
+    data = _load_data(cfg, run_dir, cb, info)
+    if info.is_main:
+        _write_meta(run_dir / "meta.json", data, threads, info)
 
-    # ---- data ------------------------------------------------------------------------
-    split_path = run_dir / "split.json"
-    with distributed.main_first(info):
-        # rank 0 draws and saves the split; the others read it, or (run directory not
-        # shared) draw the same one from the same seed without saving it
-        cat, split = open_data(cfg, split_path if info.is_main or split_path.is_file() else None)
-    classes = list(split.protocol["classes"])
-    labels = Labels.build(cat, classes)
-    pos = {p: cat.positions(getattr(split, p)) for p in ("train", "val")}
-    mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
-    spec = preprocessing_for(mcfg.backbone)
-    n_views = dcfg.n_views if mcfg.mode == "frozen" else int(dcfg.n_views > 0)
-    frozen = mcfg.mode == "frozen"
-    if frozen:
-        feats, ok = {}, {}
-        views = []
-        # the first process of each machine fills its feature cache, the others read it
-        with distributed.main_first(info, local=True):
-            for p in ("train", "val"):
-                # a configured descriptor is cached in the same backbone pass (evaluation
-                # and the index read it): one pass over the catalogue instead of two
-                feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
-                                                progress=cb.on_phase(f"features {p}", len(pos[p])),
-                                                descriptors=cfg.descriptor.kind != "none")
-            for v in range(n_views):
-                f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
-                                     strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
-                                     progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
-                views.append(f)
-                ok["train"] = ok["train"] & o
-    else:
-        ok = {p: _readable(cat, pos[p]) for p in ("train", "val")}
-    for p in ("train", "val"):
-        if not ok[p].all():
-            log.warning("%s: %d unreadable photos left out", p, int((~ok[p]).sum()))
-    tr = pos["train"][ok["train"]]
-    y_tr, y_val = labels.y[tr], labels.y[pos["val"][ok["val"]]]
-
-    meta_path = run_dir / "meta.json"
-    if info.is_main and not meta_path.is_file():
-        meta = {
-            "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "classes": classes, "n_train": int(len(tr)), "command": sys.argv,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "threads": threads, "world_size": info.world,
-            "attr_keys": list(labels.attr_keys), "attr_sizes": labels.attr_sizes(),
-        }
-        meta_path.write_text(json.dumps(meta, indent=1))
-
-    # ---- model -----------------------------------------------------------------------
+    tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    method = build_method(cfg, len(classes), labels.attr_sizes())
-    lrs = {"heads": tcfg.lr, "backbone": tcfg.lr_backbone, "disc": tcfg.lr_disc}
-    groups = method.param_groups()
-    optims = {name: torch.optim.Adam([{"params": g["params"], "lr": lrs[g["name"]]} for g in gs],
-                                     weight_decay=tcfg.weight_decay)
-              for name, gs in groups.items()}
-    params = {name: [p for g in gs for p in g["params"]] for name, gs in groups.items()}
-
-    start_epoch, best, history = 0, None, []
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        method.load_state_dict(state["method"])
-        for name, o in optims.items():
-            o.load_state_dict(state["optim"][name])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        if info.is_main:
-            jlog.write(event="resume", epoch=start_epoch)
-            log.info("resuming %s at epoch %d", run_dir, start_epoch)
-
-    val_damaged = val_damaged_rows = val_gains = None  # finetune mode: class-level validation only
-    if frozen:
-        batches = _FrozenBatches(feats["train"][ok["train"]],
-                                 np.stack([v[ok["train"]] for v in views]) if views else None,
-                                 y_tr, labels.attrs[tr], tcfg.batch_size)
-        n_steps = len(batches)
-        val_x, db_x = feats["val"][ok["val"]], feats["train"][ok["train"]]
-        y_db_val = y_tr
-        if info.is_main and dcfg.n_damaged:
-            # damaged copies of the first val items (a seed of their own, not the test
-            # queries'), so that item-level settings are chosen on val as well
-            first = pos["val"][ok["val"]][:dcfg.n_damaged]
-            val_damaged, dam_ok = item_features(cat, first, mcfg, augment_seed=VAL_DAMAGED_SEED,
-                                                strength=dcfg.augment_strength,
-                                                num_workers=tcfg.num_workers,
-                                                progress=cb.on_phase("features val damaged", len(first)))
-            val_damaged, val_damaged_rows = val_damaged[dam_ok], np.flatnonzero(dam_ok)
-            val_gains = catalogue_gains(cat, first[dam_ok], np.concatenate([tr, pos["val"][ok["val"]]]),
-                                        len(tr) + val_damaged_rows)
-    else:
-        sources = cat.sources()
-        ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
-                           tcfg.seed, dcfg.augment_strength, views=n_views > 0)
-        n_steps = max(1, len(ds) // tcfg.batch_size)
-        if info.is_main:  # only rank 0 validates: the others need not hold the images
-            val_x = _stack_images(cat, pos["val"][ok["val"]], spec, mcfg.image_size)
-            # images of the whole database would not fit in memory at 128 px: validate against
-            # a fixed random sample of it (the same every epoch, so scores stay comparable)
-            keep = np.sort(np.random.default_rng(tcfg.seed).permutation(len(tr))[:VAL_DB_IMAGES])
-            db_x = _stack_images(cat, tr[keep], spec, mcfg.image_size)
-            y_db_val = y_tr[keep]
-
-    def encode(x: np.ndarray) -> np.ndarray:
-        method.eval()
-        with torch.no_grad():
-            out = [method.encode(torch.from_numpy(x[i:i + 2048])) for i in range(0, len(x), 2048)]
-        return torch.cat(out).numpy()
-
+    method = build_method(cfg, len(data.classes), data.attr_sizes)
+    optims, params = _optimisers(method, tcfg)
+    start_epoch, best, history = _restore(ckpt_dir / "last.pt", method, optims, run_dir, jlog, resume, info)
     # shallow methods (LSH, ITQ...) are fitted once in closed form on the training features
     fit = getattr(method, "fit", None)
     if fit is not None and start_epoch == 0:
-        if not frozen:
+        if data.train_x is None:
             raise ValueError(f"{cfg.method.name} is fitted on cached features: use model.mode=frozen")
-        fit(torch.from_numpy(feats["train"][ok["train"]]), torch.from_numpy(y_tr))
+        fit(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y))
     trainable = any(p.requires_grad for p in method.parameters())
-    n_epochs = tcfg.epochs if trainable else 1
     # as DistributedDataParallel does: start every rank from rank 0's weights (a rank whose
     # initialisation differed, e.g. another torch build, would encode its share differently);
     # identical averaged updates keep them equal from then on
     distributed.broadcast_tensors_([t for t in method.state_dict().values() if t.is_floating_point()],
                                    info)
-    local_batch = tcfg.batch_size // info.world
+    step_fn = _Step(method, optims, params, cfg, info, jlog, ckpt_dir / "last.pt")
 
-    # ---- loop ------------------------------------------------------------------------
-    for epoch in range(start_epoch, n_epochs):
+    for epoch in range(start_epoch, tcfg.epochs if trainable else 1):
+        if best is not None and _patience_spent(best, epoch - 1, tcfg.patience):
+            break  # a resumed run that had already stopped early
         t0 = time.time()
-        torch.manual_seed(tcfg.seed * 100_003 + epoch)
-        rng = np.random.default_rng([tcfg.seed, epoch])
-        method.train()
-        if not trainable:
-            stream = iter(())
-        elif frozen:
-            # every rank draws the same global batches (same seed); the sharded encoder
-            # below picks each rank's share of them
-            stream = batches.epoch(rng)
-        else:
-            ds.epoch = epoch
-            stream = _image_batches(ds, tcfg, epoch, rng, info)
-        sums: dict[str, float] = {}
-        step = -1
-        for step, batch in enumerate(stream):
-            with (distributed.sharded_encoder(method, info, local_batch, local_inputs=not frozen,
-                                              seed=_shard_seed(tcfg.seed, epoch, step, info.rank))
-                  if info.world > 1 else contextlib.nullcontext()):
-                losses, parts = method.objectives(batch)
-            bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
-            if bad:  # the losses are the same on every rank: all of them stop here
-                if info.is_main:
-                    jlog.write(event="diverged", epoch=epoch, step=step, parts=parts)
-                raise TrainingDiverged(
-                    f"loss became non-finite at epoch {epoch}, step {step}: {bad}; parts {parts}. "
-                    "Lower train.lr or check the inputs; the last good checkpoint is "
-                    f"{last_path if last_path.is_file() else 'none'}")
-            grads = {name: torch.autograd.grad(losses[name], params[name], allow_unused=True)
-                     for name in losses if name in params}
-            # Averaged here rather than by DistributedDataParallel: DDP reduces gradients in
-            # hooks of loss.backward(), but each group (encoder, discriminator) takes its
-            # gradient with autograd.grad at the same point (simultaneous updates), which DDP
-            # would not see; and the sharded encoder's gathers already route every rank's
-            # share of the global loss to the right rank. Every rank holds the same groups and
-            # the same unused (None) parameters, since every rank computes the same losses.
-            distributed.all_reduce_mean_([g for gs in grads.values() for g in gs if g is not None], info)
-            for name, gs in grads.items():
-                optims[name].zero_grad(set_to_none=True)
-                for p, gr in zip(params[name], gs):
-                    p.grad = gr
-                optims[name].step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            cb.on_step(epoch, step, n_steps, parts)
-        n_done = max(1, step + 1)
-        train_parts = {k: v / n_done for k, v in sums.items()}
+        train_parts = _run_epoch(step_fn, data, epoch, cb) if trainable else {}
         # rank 0 validates; its scores, hence the best-epoch decision, go to every rank
-        val = distributed.broadcast_object(
-            _val_metrics(encode(val_x), encode(db_x), y_val, y_db_val,
-                         None if val_damaged is None else encode(val_damaged), val_damaged_rows, val_gains)
-            if info.is_main else None, info)
+        val = distributed.broadcast_object(data.val.scores(method) if info.is_main else None, info)
         score = val[tcfg.select_metric]
         improved = best is None or score > best["score"]
         if improved:
@@ -387,16 +222,316 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
                   "best_epoch": best["epoch"], "seconds": round(time.time() - t0, 2)}
         history.append(record)
         if info.is_main:
-            state = {"method": method.state_dict(), "optim": {n: o.state_dict() for n, o in optims.items()},
-                     "epoch": epoch, "best": best, "history": history}
-            _atomic_torch_save(state, last_path)
-            if improved:
-                _atomic_torch_save({"method": method.state_dict(), "epoch": epoch, "val": val},
-                                   ckpt_dir / "best.pt")
+            _save_epoch(ckpt_dir, method, optims, record, best, history, improved)
             jlog.write(**record)
         cb.on_epoch(record)
+        if _patience_spent(best, epoch, tcfg.patience):
+            if info.is_main:
+                jlog.write(event="early_stop", epoch=epoch, best_epoch=best["epoch"],
+                           patience=tcfg.patience, metric=tcfg.select_metric)
+            log.info("%s: no better val %s for %d epochs, stopped after epoch %d (best %d)",
+                     run_dir, tcfg.select_metric, tcfg.patience, epoch, best["epoch"])
+            break
     distributed.barrier(info)  # no rank returns before rank 0's checkpoint is on disk
     return run_dir
+
+
+def _patience_spent(best: dict, last_epoch: int, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs (> 0) after the best one have not beaten it."""
+    return patience > 0 and last_epoch - best["epoch"] >= patience
+
+
+def _check_run(cfg: Config, run_dir: Path, resume: bool, info: DistInfo) -> Path:
+    """Refuse a run that cannot start (before anything is written); save its config.
+    Returns the checkpoint folder."""
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {run_dir} has no config.yaml")
+    elif (ckpt_dir / "last.pt").is_file():
+        raise FileExistsError(f"{run_dir} already holds a run: use --resume or another --run-dir")
+    tcfg = cfg.train
+    if tcfg.batch_size % info.world:
+        raise ValueError(f"train.batch_size={tcfg.batch_size} is the global batch: it must be "
+                         f"divisible by the number of processes ({info.world})")
+    if tcfg.patience < 0:
+        raise ValueError(f"train.patience={tcfg.patience}: epochs without a better val score "
+                         "before stopping, 0 = never stop early")
+    selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10", "graded_ndcg@10"}
+                                         if cfg.model.mode == "frozen" and cfg.data.n_damaged else set())
+    if tcfg.select_metric not in selectable:
+        raise ValueError(f"train.select_metric={tcfg.select_metric!r}: this run's val split "
+                         f"gives {sorted(selectable)}")
+    check_descriptor_config(cfg)
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return ckpt_dir
+
+
+@dataclass
+class _ValSet:
+    """What every epoch is validated on: val items ``x (Q, ...)`` against a database
+    ``db_x (D, ...)`` (features, or photos in finetune mode), optionally damaged copies of
+    the first val items (frozen mode) for the item-level scores."""
+
+    x: np.ndarray
+    db_x: np.ndarray
+    y: np.ndarray
+    db_y: np.ndarray
+    damaged: np.ndarray | None = None
+    damaged_rows: np.ndarray | None = None
+    gains: np.ndarray | None = None
+
+    def scores(self, method) -> dict:
+        def encode(x: np.ndarray) -> np.ndarray:  # (N, ...) -> (N, K) real codes
+            method.eval()
+            with torch.no_grad():
+                out = [method.encode(torch.from_numpy(x[i:i + 2048])) for i in range(0, len(x), 2048)]
+            return torch.cat(out).numpy()
+
+        return _val_metrics(encode(self.x), encode(self.db_x), self.y, self.db_y,
+                            None if self.damaged is None else encode(self.damaged),
+                            self.damaged_rows, self.gains)
+
+
+@dataclass
+class _TrainData:
+    """A run's training stream and validation set (``val`` on rank 0 only)."""
+
+    classes: list[str]
+    attr_keys: tuple[str, ...]
+    attr_sizes: list[int]
+    train_y: np.ndarray  # (N,) class indices of the kept training items
+    n_steps: int
+    stream: Callable[[int, np.random.Generator], Iterator[dict]]  # (epoch, rng) -> batches
+    val: _ValSet | None
+    train_x: np.ndarray | None = None  # (N, F) frozen mode: the closed-form fits read them
+    photo_size: tuple[int, int] | None = None  # the catalogue's median (w, h): see data.query_shrink
+
+
+def _load_data(cfg: Config, run_dir: Path, cb: Callbacks, info: DistInfo) -> _TrainData:
+    split_path = run_dir / "split.json"
+    with distributed.main_first(info):
+        # rank 0 draws and saves the split; the others read it, or (run directory not
+        # shared) draw the same one from the same seed without saving it
+        cat, split = open_data(cfg, split_path if info.is_main or split_path.is_file() else None)
+    classes = list(split.protocol["classes"])
+    labels = Labels.build(cat, classes)
+    pos = {p: cat.positions(getattr(split, p)) for p in ("train", "val")}
+    load = _frozen_data if cfg.model.mode == "frozen" else _finetune_data
+    data = load(cfg, cat, labels, pos, cb, info)
+    data.photo_size = cat.photo_size() if info.is_main else None
+    return data
+
+
+def _kept(pos: dict[str, np.ndarray], ok: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for p in ("train", "val"):
+        if not ok[p].all():
+            log.warning("%s: %d unreadable photos left out", p, int((~ok[p]).sum()))
+    return {p: pos[p][ok[p]] for p in ("train", "val")}
+
+
+def _frozen_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, info: DistInfo) -> _TrainData:
+    """Cached backbone features of the training items, their augmented views and the val
+    set, computed by the first process of each machine (the others read its cache)."""
+    mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
+    feats, ok, views = {}, {}, []
+    with distributed.main_first(info, local=True):
+        for p in ("train", "val"):
+            # a configured descriptor is cached in the same backbone pass (evaluation
+            # and the index read it): one pass over the catalogue instead of two
+            feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
+                                            progress=cb.on_phase(f"features {p}", len(pos[p])),
+                                            descriptors=cfg.descriptor.kind != "none")
+        for v in range(dcfg.n_views):
+            f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
+                                 strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
+                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
+            views.append(f)
+            ok["train"] = ok["train"] & o
+    kept = _kept(pos, ok)
+    y_tr, y_val = labels.y[kept["train"]], labels.y[kept["val"]]
+    train_x = feats["train"][ok["train"]]
+    batches = _FrozenBatches(train_x, np.stack([v[ok["train"]] for v in views]) if views else None,
+                             y_tr, labels.attrs[kept["train"]], tcfg.batch_size)
+    val = None
+    if info.is_main:
+        val = _ValSet(feats["val"][ok["val"]], train_x, y_val, y_tr)
+        if dcfg.n_damaged:
+            _add_val_damaged(val, cfg, cat, kept, cb)
+    return _TrainData(classes=labels.classes, attr_keys=labels.attr_keys, attr_sizes=labels.attr_sizes(),
+                      train_y=y_tr, n_steps=len(batches), stream=lambda epoch, rng: batches.epoch(rng),
+                      val=val, train_x=train_x)
+
+
+def _add_val_damaged(val: _ValSet, cfg: Config, cat, kept: dict, cb: Callbacks) -> None:
+    """Damaged copies of the first val items (a seed of their own, not the test queries'),
+    so that item-level settings are chosen on val as well."""
+    first = kept["val"][:cfg.data.n_damaged]
+    x, ok = item_features(cat, first, cfg.model, augment_seed=VAL_DAMAGED_SEED,
+                          strength=cfg.data.augment_strength, num_workers=cfg.train.num_workers,
+                          progress=cb.on_phase("features val damaged", len(first)))
+    val.damaged, val.damaged_rows = x[ok], np.flatnonzero(ok)
+    val.gains = catalogue_gains(cat, first[ok], np.concatenate([kept["train"], kept["val"]]),
+                                len(kept["train"]) + val.damaged_rows)
+
+
+def _finetune_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, info: DistInfo) -> _TrainData:
+    """Photos, decoded and augmented per batch; validation on the photos of the val items
+    against a fixed sample of the database."""
+    mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
+    spec = preprocessing_for(mcfg.backbone)
+    kept = _kept(pos, {p: _readable(cat, pos[p]) for p in ("train", "val")})
+    tr = kept["train"]
+    y_tr = labels.y[tr]
+    sources = cat.sources()
+    ds = _ImageDataset([sources[i] for i in tr], y_tr, labels.attrs[tr], spec, mcfg.image_size,
+                       tcfg.seed, dcfg.augment_strength, views=dcfg.n_views > 0)
+
+    def stream(epoch: int, rng: np.random.Generator) -> Iterator[dict]:
+        ds.epoch = epoch
+        return _image_batches(ds, tcfg, epoch, rng, info)
+
+    val = None
+    if info.is_main:  # only rank 0 validates: the others need not hold the images
+        # images of the whole database would not fit in memory at 128 px: validate against
+        # a fixed random sample of it (the same every epoch, so scores stay comparable)
+        keep = np.sort(np.random.default_rng(tcfg.seed).permutation(len(tr))[:VAL_DB_IMAGES])
+        val = _ValSet(_stack_images(cat, kept["val"], spec, mcfg.image_size),
+                      _stack_images(cat, tr[keep], spec, mcfg.image_size), labels.y[kept["val"]], y_tr[keep])
+    return _TrainData(classes=labels.classes, attr_keys=labels.attr_keys, attr_sizes=labels.attr_sizes(),
+                      train_y=y_tr, n_steps=max(1, len(ds) // tcfg.batch_size), stream=stream, val=val)
+
+
+def _default_threads(cfg: Config, info: DistInfo) -> int:
+    """Torch threads when ``train.threads`` is unset: one for a head on cached features
+    (about as fast as two on quiet cores, 14 s against 15 s an epoch, but beside another
+    busy process two threads spin-waited through 240 s epochs where one took 7 s); the
+    machine's cores shared by the local processes for a network with a backbone."""
+    if cfg.model.mode == "frozen":
+        return 1
+    return max(1, (os.cpu_count() or 1) // info.local_world)
+
+
+def _write_meta(path: Path, data: _TrainData, threads: int, info: DistInfo) -> None:
+    if path.is_file():  # a resumed run keeps the record of how it started
+        return
+    meta = {
+        "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "classes": data.classes, "n_train": int(len(data.train_y)), "command": sys.argv,
+        "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "threads": threads, "world_size": info.world,
+        "attr_keys": list(data.attr_keys), "attr_sizes": data.attr_sizes,
+        "photo_size": data.photo_size,  # what uploaded photos are shrunk to (data.query_shrink)
+    }
+    path.write_text(json.dumps(meta, indent=1))
+
+
+def _optimisers(method, tcfg: TrainConfig) -> tuple[dict[str, torch.optim.Optimizer], dict[str, list]]:
+    """One Adam per objective (encoder; discriminator for adversarial methods) and the
+    parameters each one updates."""
+    lrs = {"heads": tcfg.lr, "backbone": tcfg.lr_backbone, "disc": tcfg.lr_disc}
+    groups = method.param_groups()
+    optims = {name: torch.optim.Adam([{"params": g["params"], "lr": lrs[g["name"]]} for g in gs],
+                                     weight_decay=tcfg.weight_decay)
+              for name, gs in groups.items()}
+    params = {name: [p for g in gs for p in g["params"]] for name, gs in groups.items()}
+    return optims, params
+
+
+def _restore(last_path: Path, method, optims: dict, run_dir: Path, jlog: _JsonLog, resume: bool,
+             info: DistInfo) -> tuple[int, dict | None, list[dict]]:
+    """(first epoch to train, best so far, epoch records): from ``last_path`` on resume."""
+    if not (resume and last_path.is_file()):
+        return 0, None, []
+    state = torch.load(last_path, map_location="cpu", weights_only=False)
+    method.load_state_dict(state["method"])
+    for name, o in optims.items():
+        o.load_state_dict(state["optim"][name])
+    if info.is_main:
+        jlog.write(event="resume", epoch=state["epoch"] + 1)
+        log.info("resuming %s at epoch %d", run_dir, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best"], state["history"]
+
+
+def _save_epoch(ckpt_dir: Path, method, optims: dict, record: dict, best: dict, history: list,
+                improved: bool) -> None:
+    state = {"method": method.state_dict(), "optim": {n: o.state_dict() for n, o in optims.items()},
+             "epoch": record["epoch"], "best": best, "history": history}
+    _atomic_torch_save(state, ckpt_dir / "last.pt")
+    if improved:
+        _atomic_torch_save({"method": method.state_dict(), "epoch": record["epoch"], "val": record["val"]},
+                           ckpt_dir / "best.pt")
+
+
+@dataclass
+class _Step:
+    """One optimisation step of every objective on one global batch."""
+
+    method: torch.nn.Module
+    optims: dict
+    params: dict
+    cfg: Config
+    info: DistInfo
+    jlog: _JsonLog
+    last_path: Path
+
+    def __call__(self, batch: dict, epoch: int, step: int) -> dict[str, float]:
+        info, tcfg = self.info, self.cfg.train
+        with (distributed.sharded_encoder(self.method, info, tcfg.batch_size // info.world,
+                                          local_inputs=self.cfg.model.mode != "frozen",
+                                          seed=_shard_seed(tcfg.seed, epoch, step, info.rank))
+              if info.world > 1 else contextlib.nullcontext()):
+            losses, parts = self.method.objectives(batch)
+        self._check_finite(losses, parts, epoch, step)
+        grads = {name: torch.autograd.grad(losses[name], self.params[name], allow_unused=True)
+                 for name in losses if name in self.params}
+        # Averaged here rather than by DistributedDataParallel: DDP reduces gradients in
+        # hooks of loss.backward(), but each group (encoder, discriminator) takes its
+        # gradient with autograd.grad at the same point (simultaneous updates), which DDP
+        # would not see; and the sharded encoder's gathers already route every rank's
+        # share of the global loss to the right rank. Every rank holds the same groups and
+        # the same unused (None) parameters, since every rank computes the same losses.
+        distributed.all_reduce_mean_([g for gs in grads.values() for g in gs if g is not None], info)
+        for name, gs in grads.items():
+            self.optims[name].zero_grad(set_to_none=True)
+            for p, gr in zip(self.params[name], gs):
+                p.grad = gr
+            self.optims[name].step()
+        return parts
+
+    def _check_finite(self, losses: dict, parts: dict, epoch: int, step: int) -> None:
+        bad = {k: float(v.detach()) for k, v in losses.items() if not math.isfinite(float(v.detach()))}
+        if not bad:
+            return
+        # the losses are the same on every rank: all of them stop here
+        if self.info.is_main:
+            self.jlog.write(event="diverged", epoch=epoch, step=step, parts=parts)
+        raise TrainingDiverged(
+            f"loss became non-finite at epoch {epoch}, step {step}: {bad}; parts {parts}. "
+            "Lower train.lr or check the inputs; the last good checkpoint is "
+            f"{self.last_path if self.last_path.is_file() else 'none'}")
+
+
+def _run_epoch(step_fn: _Step, data: _TrainData, epoch: int, cb: Callbacks) -> dict[str, float]:
+    """Train one epoch; the mean of each loss part over its steps."""
+    seed = step_fn.cfg.train.seed
+    # seeded per epoch, so that a resumed run draws what the uninterrupted one drew
+    torch.manual_seed(seed * 100_003 + epoch)
+    rng = np.random.default_rng([seed, epoch])
+    step_fn.method.train()
+    # frozen mode: every rank draws the same global batches (same seed); the sharded
+    # encoder picks each rank's share of them
+    sums: dict[str, float] = {}
+    n_done = 0
+    for step, batch in enumerate(data.stream(epoch, rng)):
+        parts = step_fn(batch, epoch, step)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_done = step + 1
+        cb.on_step(epoch, step, data.n_steps, parts)
+    return {k: v / max(1, n_done) for k, v in sums.items()}
 
 
 def _image_batches(ds: _ImageDataset, tcfg: TrainConfig, epoch: int, rng: np.random.Generator,

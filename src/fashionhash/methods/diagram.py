@@ -2,7 +2,7 @@
 of an instantiated model and the shapes are recorded by forward hooks on a dummy batch,
 so the figure cannot drift from the implementation.
 
-``python -m fashionhash.models.diagram docs/architecture.png``
+``python -m fashionhash.methods.diagram docs/architecture.png``
 """
 from __future__ import annotations
 

@@ -1,0 +1,59 @@
+"""A trained run's whole encoder, photos -> relaxed codes ``(N, K)``: the backbone (the
+frozen run's ImageNet one, or the finetuned run's own) then the method's hash head, run as a
+:class:`~fashionhash.models.features.FeatureExtractor` on ONNX Runtime or PyTorch.
+
+Built from the method and the model config alone (no run folder), so that the pipeline's
+``Run`` uses it without importing what sits above the pipeline.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fashionhash.config import ModelConfig
+from fashionhash.models.backbones import build_backbone
+from fashionhash.models.descriptor import DescriptorNet
+from fashionhash.models.features import Engine, FeatureExtractor
+
+
+class EncoderNet(nn.Module):
+    """Normalised photos ``(B, C, S, S)`` -> relaxed codes ``(B, K)``: ``backbone.embed``
+    (the frozen run's ImageNet backbone; None for finetune runs, whose method holds its
+    own) then ``method.encode``. Exposes ``embed``/``feat_dim`` so that a
+    :class:`~fashionhash.models.features.FeatureExtractor` runs and exports it."""
+
+    def __init__(self, method: nn.Module, backbone: nn.Module | None) -> None:
+        super().__init__()
+        self.method = method
+        self.backbone = backbone
+        self.feat_dim = int(method.n_bits)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.encode(x if self.backbone is None else self.backbone.embed(x))
+
+
+def build_encoder(method: nn.Module, m: ModelConfig, engine: Engine, **options) -> FeatureExtractor:
+    """A run's whole encoder (its trained ``method``, model config ``m``) in ``engine`` as a
+    ``FeatureExtractor`` whose "features" are relaxed codes: ``fx(photos) -> (real (N, K)
+    float32, ok (N,) bool)``, with the same decoding (letterbox at ``model.image_size``) for
+    both engines. ``options`` go to ``FeatureExtractor`` (``threads``, ``parallel_batches``,
+    ``channels_last``: on by default for the torch engine, the faster layout on CPU).
+    Prefer ``run.encoder(engine)``, which builds it once."""
+    # frozen runs were trained on features of the registry's pretrained backbone
+    backbone = build_backbone(m.backbone) if m.mode == "frozen" else None
+    net = EncoderNet(method, backbone).eval()
+    options.setdefault("channels_last", engine == "torch")
+    return FeatureExtractor(m.backbone, image_size=m.image_size, engine=engine, model=net, **options)
+
+
+def build_descriptor_encoders(method: nn.Module, m: ModelConfig, engine: Engine,
+                              scales: Sequence[int]) -> list[FeatureExtractor]:
+    """Extractors for two-stage queries (frozen runs): at ``scales[0]`` (the model's size)
+    photos -> ``[relaxed code | raw descriptor]``, at each other scale photos -> raw
+    descriptor; see :meth:`fashionhash.pipeline.Run.encode_two_stage`."""
+    backbone = build_backbone(m.backbone)
+    nets = [DescriptorNet(backbone, head=method)] + [DescriptorNet(backbone) for _ in scales[1:]]
+    return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval())
+            for size, net in zip(scales, nets)]

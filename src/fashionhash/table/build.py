@@ -1,0 +1,187 @@
+"""The whole table: per dataset, the learning-rate choice, every method at the largest bit
+length, the strongest ones at the other bit lengths and over seeds, the naive rows; then
+``table.md``, ``table.json`` and one precision-recall figure per dataset."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fashionhash.config import git_commit
+from fashionhash.table.dataset import Data, open_dataset, read_json, write_json
+from fashionhash.table.plan import (
+    ALL_BITS, N_SEEDS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SHALLOW, VARIANTS, Plan, TableOptions, make_plans,
+    select_labels,
+)
+from fashionhash.table.real import naive_row
+from fashionhash.table.report import collect, markdown, plot_pr, run_summary, update_readme
+from fashionhash.table.runs import choose_lrs, strongest_peers, train_runs
+
+log = logging.getLogger(__name__)
+
+
+class _Timer:
+    """Wall seconds per piece of the plan."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, float] = {}
+
+    def __call__(self, piece: str, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        self.pieces[piece] = self.pieces.get(piece, 0.0) + time.time() - t0
+        return out
+
+
+def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
+                n_seeds: int, timer: _Timer) -> tuple[Data, list[str]]:
+    """Train and evaluate what ``plan`` asks for on one dataset (resuming what is done);
+    the dataset and the notes its table gets."""
+    notes = []
+    if any(x in plan.skip for x in labels):
+        notes.append(f"Not run on this dataset: {', '.join(x for x in labels if x in plan.skip)} "
+                     "(the item-level term needs augmented views, which this plan leaves out).")
+        labels = [x for x in labels if x not in plan.skip]
+    views = max((1 for x in labels if "data.n_views=1" in VARIANTS[x][1]), default=0)
+    d = timer("prepare (split, features)", open_dataset, plan, opts.runs, views)
+    # said once here: every run re-opens the catalogue and would repeat its warnings
+    logging.getLogger("fashionhash.data.catalogue").setLevel(logging.ERROR)
+    top = max(bits_list)
+    # 0) the learning rate of every learned method, on val at seed 0 and the largest bit length
+    lrs = timer("learning-rate choice", choose_lrs, d, labels, top, opts.jobs)
+    # 1) every method at the largest bit length (seed 0, mostly the chosen candidates): that
+    # is also what picks the peers
+    timer(f"seed 0, {top} bits", train_runs, d, [(x, top, 0) for x in labels], lrs, top, opts.jobs)
+    peers = strongest_peers(d, labels, top)
+    seed_bits = sorted(b for b in plan.seed_bits if b in bits_list)
+    if peers:
+        notes.append(f"Two strongest peers (seed-0 mAP@all at {top} bits): {', '.join(peers)}. "
+                     + (f"They and the paper's method get {n_seeds} seeds (train.seed=0..{n_seeds - 1}) "
+                        f"at {', '.join(map(str, seed_bits))} bits." if n_seeds > 1 and seed_bits else ""))
+    # 2) the other bit lengths, and 3) more seeds for the paper's method and the two
+    # strongest peers, in one batch (neither depends on the other)
+    low = labels if plan.low_bits == "all" else [
+        x for x in labels if x == PAPER or x in peers or VARIANTS[x][0] in SHALLOW]
+    skipped = [x for x in labels if x not in low]
+    if skipped and len(bits_list) > 1:
+        notes.append(f"Only at {top} bits (time budget): {', '.join(skipped)}.")
+    specs = [(x, bits, 0) for bits in sorted(b for b in bits_list if b != top) for x in low]
+    seeded = [x for x in labels if x == PAPER or x in peers]
+    for seed in range(1, n_seeds):
+        for bits in sorted(seed_bits, reverse=True):
+            specs += [(x, bits, seed) for x in seeded if bits == top or x in low]
+    timer("fewer bits and more seeds", train_runs, d, specs, lrs, top, opts.jobs)
+    # 4) the naive baselines (one row each, no hashing)
+    for row, space in ((NAIVE_PIXELS, "pixels"), (NAIVE_FEATURES, "features")):
+        if row in extra:
+            timer(f"naive L1, {space}", naive_row, d, space)
+    return d, notes
+
+
+def _protocol(d: Data, runs: Path) -> str:
+    s, dcfg, m, p = d.split, d.cfg.data, d.cfg.model, d.plan
+    subset = (f" (a seeded random subset of {dcfg.limit:,} items of the catalogue, `data.limit`)"
+              if dcfg.limit else "")
+    split = d.split_path.relative_to(runs.parent) if d.split_path.is_relative_to(runs.parent) else d.split_path
+    return (f"{len(s.query)} test queries against {len(s.database)} database items{subset} "
+            f"({len(s.protocol['classes'])} classes; relevance = same {dcfg.label_key}); "
+            f"{m.backbone} {m.mode} at {m.image_size} px, head {m.hidden} wide; every learned method "
+            f"trains until val {d.cfg.train.select_metric} has not improved for {p.patience} epochs "
+            f"(at most {p.max_epochs}) and keeps its best val epoch, with the learning rate chosen on "
+            f"val among {', '.join(f'{lr:g}' for lr in p.lrs)} at seed 0; split `{split}`.")
+
+
+def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
+                   n_seeds: int) -> dict:
+    """Run one dataset and gather its part of ``table.json``."""
+    timer = _Timer()
+    t0 = time.time()
+    done_before = len(list((opts.runs / plan.key).glob("*/metrics.json")))
+    d, notes = run_dataset(opts, plan, labels, extra, bits_list, n_seeds, timer)
+    timer.pieces["total"] = time.time() - t0
+    rows = collect(d, labels, bits_list, extra, n_seeds)
+    png = opts.out / f"pr_{plan.key}.png"
+    has_png = plot_pr(rows, png, plan.title.split(" (")[0])
+    if not d.keys:
+        notes.append("nDCG@10 grades by class only here (this dataset has no attributes).")
+    # pieces add up over the invocations that trained or evaluated something (a resumed
+    # table skips finished runs; one that only rebuilds the table adds nothing)
+    acc = read_json(d.runs / "timings.json") or {}
+    if len(list(d.runs.glob("*/metrics.json"))) > done_before:
+        for k, v in timer.pieces.items():
+            acc[k] = acc.get(k, 0.0) + v
+        write_json(d.runs / "timings.json", acc)
+    summary = run_summary(d.runs)
+    notes.append("Measured wall time per piece, summed over the invocations that built these runs: "
+                 + ", ".join(f"{k} {v / 60:.1f} min" for k, v in acc.items() if k != "total")
+                 + f"; in all {acc.get('total', 0.0) / 60:.1f} min. Per run (from the run folders): "
+                 f"{summary['text']}.")
+    return {"title": plan.title, "protocol": _protocol(d, opts.runs), "rows": rows, "notes": notes,
+            "pr_png": png.name if has_png else None, "timings": acc, "run_summary": summary,
+            "max_epochs": plan.max_epochs, "patience": plan.patience, "lrs": list(plan.lrs),
+            "runs": str(d.runs)}
+
+
+def _general_notes(load: float) -> list[str]:
+    return [
+        "mAP@all / mAP@1000: DeepHash definition, ties broken by database index. top-1: tie-aware "
+        "expected precision of the closest match (the paper's metric). P@H≤2: precision within "
+        "Hamming radius 2 (hashing rows only). nDCG@10: graded gains = fraction of articleType, "
+        "baseColour, gender, usage, season that agree. Same-product: damaged copies of the "
+        "queries searched against database + originals (product photos only).",
+        "Mean ± sample std over seeds where seeds > 1. lr: the learning rate chosen on val. "
+        "epochs: epochs trained (early stopping); best epoch: the one kept (best val score). "
+        "Train s: wall-clock training of the heads including the per-epoch validation (cached "
+        "backbone features, one torch thread per run, runs side by side on 2 shared cores). "
+        "Encode ms/img: photo -> code throughput; for frozen-backbone methods the measured "
+        "EfficientNet-Lite0 cost per photo (JPEG decode + ONNX) plus the head. Bytes/item: packed "
+        "code (float32 vector for the real-valued rows). Query ms: top-100 of each of the test "
+        "queries against the database, flat Hamming scan (`flat` index) and multi-index hashing "
+        "(`mih`); for the real-valued rows an exhaustive numpy L1 / cosine scan.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs "
+        f"(load average at start {load:.1f}), torch {torch.__version__}, numpy {np.__version__}.",
+    ]
+
+
+def build_table(opts: TableOptions) -> Path:
+    """Run (or resume) the table ``opts`` asks for and write ``table.md``, ``table.json``
+    and ``pr_<dataset>.png`` into ``opts.out`` (and the block of ``opts.readme``).
+    Returns the path of ``table.md``."""
+    t_all = time.time()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    plans = make_plans(opts)
+    unknown = [ds for ds in opts.datasets if ds not in plans]
+    if unknown:
+        raise ValueError(f"unknown dataset {unknown[0]!r}: {', '.join(plans)}")
+    labels, extra = select_labels(opts.methods, opts.quick)
+    bits_list = list(opts.bits or ((16,) if opts.quick else ALL_BITS))
+    n_seeds = opts.seeds or (2 if opts.quick else N_SEEDS)
+    load = os.getloadavg()[0]
+    cat_log = logging.getLogger("fashionhash.data.catalogue")  # run_dataset quietens it
+    level = cat_log.level
+    tables = {}
+    try:
+        for ds in opts.datasets:
+            cat_log.setLevel(level)
+            log.info("== %s: %d methods x %s bits, at most %d epochs, patience %d", plans[ds].title,
+                     len(labels), bits_list, plans[ds].max_epochs, plans[ds].patience)
+            tables[ds] = _dataset_table(opts, plans[ds], labels, extra, bits_list, n_seeds)
+    finally:
+        cat_log.setLevel(level)
+    sha = git_commit() or "unknown"
+    commit = sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
+    header = [f"`{opts.command or 'fashionhash table'}` — generated {time.strftime('%Y-%m-%d %H:%M')}, "
+              f"commit `{commit}`, {time.time() - t_all:.0f}s wall for this invocation."]
+    notes = _general_notes(load)
+    md = markdown(tables, header, notes)
+    (opts.out / "table.md").write_text(md)
+    if opts.readme:
+        update_readme(opts.readme, md, opts.out)
+    write_json(opts.out / "table.json", {"command": header[0], "notes": notes, "datasets": tables})
+    log.info("wrote %s, %s (%.0fs)", opts.out / "table.md", opts.out / "table.json", time.time() - t_all)
+    return opts.out / "table.md"

@@ -1,0 +1,191 @@
+"""The table's output: rows gathered from the run folders (mean ± std over seeds), markdown,
+the precision-recall figure, and the block of a results page it replaces."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fashionhash.table.dataset import Data, read_json
+from fashionhash.table.plan import EXTRA_ROWS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SGML_REAL, VARIANTS
+from fashionhash.table.runs import epoch_log, run_dir_of
+
+COLUMNS = [  # (header, key, format)
+    ("mAP@all", "map", "{:.4f}"), ("mAP@1000", "map@1000", "{:.4f}"), ("top-1", "top1", "{:.4f}"),
+    ("P@H≤2", "p@h2", "{:.4f}"), ("nDCG@10", "ndcg@10", "{:.4f}"),
+    ("same-product top-1", "same_product_top1", "{:.4f}"),
+    ("same-product top-10", "same_product_top10", "{:.4f}"),
+    ("lr", "lr", "{:g}"), ("epochs", "epochs", "{:.0f}"), ("best epoch", "best_epoch", "{:.0f}"),
+    ("train s", "train_seconds", "{:.0f}"), ("encode ms/img", "encode_ms", "{:.2f}"),
+    ("bytes/item", "bytes", "{:.0f}"), ("query ms (scan)", "query_ms_flat", "{:.3f}"),
+    ("query ms (MIH)", "query_ms_mih", "{:.3f}"),
+]
+QUALITY = {"map", "map@1000", "top1", "p@h2", "ndcg@10", "same_product_top1", "same_product_top10"}
+README_START, README_END = "<!-- table:start -->", "<!-- table:end -->"
+
+
+def _row(label: str, name: str, bits: int | None, found: list[tuple[int, dict]]) -> dict:
+    """One table row: per numeric key, the values of every seed, their mean and sample std."""
+    keys = sorted({k for _, m in found for k, v in m.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    per_seed = {k: [m.get(k) for _, m in found] for k in keys}
+    mean, std = {}, {}
+    for k, vals in per_seed.items():
+        v = [x for x in vals if x is not None]
+        if v:
+            mean[k] = float(np.mean(v))
+            std[k] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return {"label": label, "name": name, "bits": bits, "seeds": [s for s, _ in found],
+            "mean": mean, "std": std, "per_seed": per_seed, "pr_curve": found[0][1].get("pr_curve")}
+
+
+def collect(d: Data, labels: list[str], bits_list: list[int], extra_rows: list[str], n_seeds: int) -> list[dict]:
+    """Rows of one dataset: per (label, bits), the metrics of every seed found, mean and std."""
+    rows = []
+    # photo -> features cost, measured once per dataset (delete the file to measure again on
+    # a quiet machine): added here so that every row uses the same measurement
+    timing = read_json(d.runs / "backbone_timing.json")
+    backbone_ms = timing["ms_per_photo"] if timing else 0.0
+    for label in labels:
+        for bits in bits_list:
+            found, found_real = [], []
+            for seed in range(n_seeds):
+                rd = run_dir_of(d, label, bits, seed)
+                m = read_json(rd / "metrics.json")
+                if m is None:
+                    continue
+                extra = read_json(rd / "table_extra.json") or {}
+                if "encode_ms_head" in extra:
+                    extra["encode_ms"] = backbone_ms + extra["encode_ms_head"]
+                found.append((seed, {**m, **extra}))
+                real = read_json(rd / "metrics_real.json")
+                if real is not None:
+                    found_real.append((seed, {**real, "encode_ms": extra.get("encode_ms")}))
+            if found:
+                rows.append(_row(label, VARIANTS[label][2], bits, found))
+            if found_real and label == "sgml" and SGML_REAL in extra_rows:
+                rows.append(_row(SGML_REAL, EXTRA_ROWS[SGML_REAL], bits, found_real))
+    for label in (NAIVE_PIXELS, NAIVE_FEATURES):
+        m = read_json(d.runs / label / "metrics.json") if label in extra_rows else None
+        if m:
+            if label == NAIVE_FEATURES:
+                m["encode_ms"] = backbone_ms
+            rows.append(_row(label, EXTRA_ROWS[label], None, [(0, m)]))
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key not in row["mean"]:
+        return "–"
+    s = fmt.format(row["mean"][key])
+    if len(row["seeds"]) > 1 and key in QUALITY:  # timings vary with the machine's load, not the seed
+        s += " ± " + fmt.format(row["std"][key])
+    return s
+
+
+def markdown(tables: dict, header: list[str], notes: list[str]) -> str:
+    out = ["# Results table", "", *header, ""]
+    for key, t in tables.items():
+        out += [f"## {t['title']}", "", t["protocol"], ""]
+        cols = [c for c in COLUMNS if any(c[1] in r["mean"] for r in t["rows"])]
+        out.append("| method | bits | seeds | " + " | ".join(h for h, _, _ in cols) + " |")
+        out.append("|---|---:|---:|" + "---:|" * len(cols))
+        for bits in sorted({r["bits"] for r in t["rows"] if r["bits"]}, reverse=True) + [None]:
+            for r in (r for r in t["rows"] if r["bits"] == bits):
+                out.append(f"| {r['name']} | {r['bits'] or '–'} | {len(r['seeds'])} | "
+                           + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |")
+        if t.get("pr_png"):
+            out += ["", f"![precision-recall, {key}]({t['pr_png']})"]
+        if t.get("notes"):
+            out += ["", *[f"- {n}" for n in t["notes"]]]
+        out.append("")
+    out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, md: str, out: Path) -> None:
+    """Put the table into ``readme`` (a markdown page, e.g. docs/results.md) between the
+    markers: headings one level down (the page's section owns the title), figure links
+    relative to the page's folder, wherever it is."""
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{readme} needs one {README_START} ... {README_END} block")
+    rel = os.path.relpath(out, readme.resolve().parent)
+    lines = []
+    for line in md.splitlines()[1:]:  # the table.md title is the README section's own
+        if line.startswith("#"):
+            line = "#" + line
+        elif line.startswith("![") and "](" in line:
+            name = line[line.index("](") + 2:-1]
+            line = line.replace(f"]({name})", f"]({rel}/{name})")
+        lines.append(line)
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    readme.write_text(head + README_START + "\n" + "\n".join(lines).strip() + "\n" + README_END + tail)
+
+
+def plot_pr(rows: list[dict], path: Path, title: str) -> bool:
+    """PR curves over Hamming radius of every hashing row at the largest bit length (seed 0)
+    in one PNG. Drawn here rather than with ``plot_pr_curves``: a dozen curves need distinct
+    colours and line styles (its default colour cycle repeats after ten) and a legend beside
+    the axes, not over the curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    top = max((r["bits"] for r in rows if r["bits"] and r.get("pr_curve")), default=None)
+    chosen = [r for r in rows if r["bits"] == top and r.get("pr_curve")]
+    if not chosen:
+        return False
+    fig = Figure(figsize=(9, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.08, 0.11, 0.52, 0.8))
+    styles = ["-", "--", ":", "-."]
+    for i, r in enumerate(chosen):
+        pr = r["pr_curve"]
+        paper = r["label"] == PAPER
+        ax.plot(pr["recall"], pr["precision"], color="black" if paper else f"C{i % 10}",
+                linestyle="-" if paper else styles[(i // 10 + i) % len(styles)],
+                linewidth=2.4 if paper else 1.3, marker="." if paper else None, markersize=3,
+                label=r["name"].replace("**", ""), zorder=3 if paper else 2)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title}, {top} bits: precision-recall over Hamming radius 0..{top}", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+    fig.savefig(path, format="png")
+    return True
+
+
+def run_summary(ds_dir: Path) -> dict:
+    """Training and evaluation seconds of every run folder of a dataset, by piece of the
+    plan (lr candidates, seed 0 at the largest bit length, seed 0 at the others, further
+    seeds, naive)."""
+    groups: dict[str, dict] = {}
+    bits_seen = [int(p.name.rsplit("_", 2)[1]) for p in ds_dir.glob("*_*_s*") if (p / "metrics.json").is_file()]
+    top = max(bits_seen, default=0)
+    for p in sorted(ds_dir.iterdir()):
+        m = read_json(p / "metrics.json") if p.is_dir() else None
+        if m is None:
+            continue
+        extra = read_json(p / "table_extra.json") or {}
+        real = read_json(p / "metrics_real.json") or {}
+        if p.name.startswith("naive"):
+            piece = "naive L1"
+        else:
+            _, bits, seed = p.name.rsplit("_", 2)
+            piece = (f"seed 0, {top} bits" if int(bits) == top else "seed 0, fewer bits") \
+                if seed == "s0" else "more seeds"
+        g = groups.setdefault(piece, {"runs": 0, "train_s": 0.0, "eval_s": 0.0})
+        g["runs"] += 1
+        g["train_s"] += extra.get("train_seconds") or 0.0
+        g["eval_s"] += (m.get("eval_seconds") or 0.0) + (real.get("eval_seconds") or 0.0)
+    for p in sorted((ds_dir / "lr").glob("*_lr*")):
+        g = groups.setdefault("lr candidates (the chosen ones became the seed-0 runs)", {"runs": 0, "train_s": 0.0, "eval_s": 0.0})
+        g["runs"] += 1
+        g["train_s"] += sum(r.get("seconds", 0.0) for r in epoch_log(p))
+    text = "; ".join(f"{k}: {g['runs']} runs, training {g['train_s'] / 60:.1f} min, evaluation "
+                     f"{g['eval_s'] / 60:.1f} min" for k, g in groups.items())
+    return {"groups": groups, "text": text or "no runs"}
