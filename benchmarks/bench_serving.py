@@ -15,6 +15,13 @@ Every response must be a 200 with the expected number of results; any error fail
     python benchmarks/bench_serving.py --run runs/demo    # that run (index built if missing)
     python benchmarks/bench_serving.py --synthetic        # 44,000 random-cluster codes + fake metadata
     python benchmarks/bench_serving.py --quick            # smoke test
+    python benchmarks/bench_serving.py --run runs/demo --shortlist 1000   # two-stage, R = 1,000
+    python benchmarks/bench_serving.py --run runs/demo --codes-only       # Hamming ranking alone
+
+With a two-stage index (one that stores descriptors) the service re-ranks a Hamming
+shortlist by descriptor cosine; the report says which ranking ran (from ``GET /stats``, and
+every search response is checked to have used it) and the server's own ``search_ms``
+beside the client's latency.
 
 Writes benchmarks/results/bench_serving.md (unless --out is given).
 """
@@ -79,7 +86,7 @@ def synthetic_index(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def serve_main(index: str, run: str | None, port: int, plain: bool = False) -> None:
+def serve_main(index: str, run: str | None, port: int, plain: bool = False, config=None) -> None:
     """Server process: load the service once and serve it (no model for synthetic data)."""
     import logging
 
@@ -90,10 +97,11 @@ def serve_main(index: str, run: str | None, port: int, plain: bool = False) -> N
     from fashionhash.serving import SearchService, ServiceConfig, create_app
 
     logging.basicConfig(level=logging.WARNING)
+    config = config or ServiceConfig()
     if run:
-        service = SearchService.open(run, index, ServiceConfig())
+        service = SearchService.open(run, index, config)
     else:
-        service = SearchService(None, HashIndex.open(index), index, IndexInfo.load(index), ServiceConfig())
+        service = SearchService(None, HashIndex.open(index), index, IndexInfo.load(index), config)
     # plain: the pure-Python HTTP parser and event loop even when httptools/uvloop are installed
     extra = {"http": "h11", "loop": "asyncio"} if plain else {}
     uvicorn.run(create_app(service), host="127.0.0.1", port=port, log_level="warning", access_log=False, **extra)
@@ -206,14 +214,54 @@ def load(port: int, make_request, n: int, concurrency: int, check) -> tuple[np.n
     return lat, time.perf_counter() - t0, errors
 
 
-def expect_results(k: int):
+def expect_results(k: int, stage: str | None = None, search_ms: list | None = None):
+    """Response check: a 200 with k results (ranked by ``stage`` when given); the server's
+    ``search_ms`` of each response is appended to ``search_ms``."""
     def check(status: int, data: bytes) -> str | None:
         if status != 200:
             return f"status {status}: {data[:200]!r}"
         body = json.loads(data)
         got = len(body.get("results", body.get("items", [])))
+        if stage is not None and body.get("ranking", {}).get("stage") != stage:
+            return f"ranked by {body.get('ranking')}, expected {stage}"
+        if search_ms is not None and "search_ms" in body:
+            search_ms.append(float(body["search_ms"]))
         return None if got == k else f"{got} results, expected {k}"
     return check
+
+
+def code_version() -> str:
+    """The commit measured (with ``+`` when the code in the working tree differs from it;
+    results files do not count)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "*.py"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + "+" * bool(dirty)
+
+
+def stats(port: int) -> dict:
+    """The service's ``GET /stats`` (size, backend, how it ranks)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/stats")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def ranking_text(ranking: dict, n_items: int) -> str:
+    if ranking["stage"] != "two-stage":
+        return "Hamming distance alone (one stage)"
+    r, bits = int(ranking["shortlist"]), int(ranking.get("sign_bits") or 0)
+    first = f"a {bits}-bit sign code of the descriptor" if bits else "the hash code"
+    return (f"two-stage: the top {r:,} ({r / max(n_items, 1):.0%} of the catalogue) by Hamming distance on "
+            f"{first}, re-ranked by cosine to the {ranking['descriptor_bytes']}-d int8 descriptor")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -222,7 +270,9 @@ def expect_results(k: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="evaluated run directory (default runs/demo when evaluated)")
-    p.add_argument("--index", type=Path, help="index of the run (default RUN/index, built if missing)")
+    p.add_argument("--index", type=Path,
+                   help="index of the run (default RUN/index, built if missing); without --run: that index "
+                        "alone, searched by example")
     p.add_argument("--synthetic", action="store_true", help=f"{N_SYNTHETIC:,} synthetic items, no model")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
@@ -231,24 +281,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_serving.md")
     p.add_argument("--plain-uvicorn", action="store_true",
                    help="force uvicorn's pure-Python h11 parser and asyncio loop (no httptools/uvloop)")
+    p.add_argument("--shortlist", type=int, default=0,
+                   help="Hamming shortlist the descriptors re-rank on a two-stage index (0: the run's choice)")
+    p.add_argument("--codes-only", action="store_true", help="rank by Hamming distance alone")
+    p.add_argument("--browse", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the filtered similar-item query and the catalogue page")
+    p.add_argument("--append", action="store_true",
+                   help="add this run's section to --out instead of replacing the file (compare rankings)")
     p.add_argument("--server", action="store_true", help=argparse.SUPPRESS)  # internal: server process
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.server:
-        serve_main(str(args.index), str(args.run) if args.run else None, args.port, args.plain_uvicorn)
+        from fashionhash.serving import ServiceConfig
+
+        config = ServiceConfig(two_stage=not args.codes_only, shortlist=args.shortlist)
+        serve_main(str(args.index), str(args.run) if args.run else None, args.port, args.plain_uvicorn, config)
         return 0
 
     from fashionhash.index import HashIndex
 
     n_req = 200 if args.quick else args.requests
     tmp = tempfile.TemporaryDirectory(prefix="bench_serving_")
-    run = None if args.synthetic else (args.run or ROOT / "runs" / "demo")
+    index_only = args.index is not None and args.run is None and not args.synthetic
+    run = None if args.synthetic or index_only else (args.run or ROOT / "runs" / "demo")
     if run is not None and not (run / "metrics.json").is_file():
         if args.run:
             raise SystemExit(f"{run} is not an evaluated run (no metrics.json)")
         print(f"{run} is not evaluated yet: using a synthetic index", flush=True)
         run = None
-    if run is None:
+    if index_only:  # no model: query by example only, ranked with the index's own descriptors
+        index_path = args.index
+        source = f"index `{_rel(index_path)}` alone (no model: no photo uploads)"
+    elif run is None:
         index_path = synthetic_index(Path(tmp.name) / "index", 2000 if args.quick else N_SYNTHETIC)
         source = (f"synthetic: clustered random {N_BITS}-bit codes (1,500 centres, 0-4 bits flipped), "
                   "fake metadata, no model")
@@ -277,37 +341,45 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--run", str(run)]
     if args.plain_uvicorn:
         cmd.append("--plain-uvicorn")
+    cmd += ["--shortlist", str(args.shortlist)] + ["--codes-only"] * args.codes_only
     load_before = os.getloadavg()
     proc = subprocess.Popen(cmd)
     rows = []
     try:
         wait_ready(port, proc)
+        ranking = stats(port)["ranking"]
+        stage = ranking["stage"]
         rng = random.Random(0)
         id_list = ids.tolist()
         k = args.k
         get = lambda url: ("GET", url, None, {})  # noqa: E731
         scenarios = [
             (f"GET /items/{{id}}/similar?k={k}", n_req, args.concurrency,
-             lambda i: get(f"/items/{rng.choice(id_list)}/similar?k={k}"), expect_results(k)),
-            (f"GET /items/{{id}}/similar?k={k}&gender=Men", n_req // 2, args.concurrency,
-             lambda i: get(f"/items/{rng.choice(id_list)}/similar?k={k}&gender=Men"), expect_results(k)),
-            ("GET /items?offset=...&limit=48", n_req // 2, args.concurrency,
-             lambda i: get(f"/items?offset={rng.randrange(0, n_items - 48)}&limit=48"), expect_results(48)),
+             lambda i: get(f"/items/{rng.choice(id_list)}/similar?k={k}"), (k, stage)),
         ]
+        if args.browse:
+            scenarios += [
+                (f"GET /items/{{id}}/similar?k={k}&gender=Men", n_req // 2, args.concurrency,
+                 lambda i: get(f"/items/{rng.choice(id_list)}/similar?k={k}&gender=Men"), (k, stage)),
+                ("GET /items?offset=...&limit=48", n_req // 2, args.concurrency,
+                 lambda i: get(f"/items?offset={rng.randrange(0, n_items - 48)}&limit=48"), (48, None)),
+            ]
         if run is not None and photos:
             bodies = [multipart({"k": str(k)}, {"image": ("q.jpg", Path(f).read_bytes(), "image/jpeg")})
                       for f in photos]
             scenarios.append((f"POST /search (photo upload, k={k})", max(20, n_req // 10), 4,
                               lambda i: ("POST", "/search", bodies[i % len(bodies)][0],
-                                         {"Content-Type": bodies[i % len(bodies)][1]}), expect_results(k)))
+                                         {"Content-Type": bodies[i % len(bodies)][1]}), (k, stage)))
         failed = False
-        for name, n, conc, make, check in scenarios:
-            load(port, make, min(100, n), conc, check)  # warm-up (caches, connections)
-            lat, wall, errors = load(port, make, n, conc, check)
+        for name, n, conc, make, (want, want_stage) in scenarios:
+            load(port, make, min(100, n), conc, expect_results(want, want_stage))  # warm-up (caches, connections)
+            search_ms: list[float] = []
+            lat, wall, errors = load(port, make, n, conc, expect_results(want, want_stage, search_ms))
             failed |= bool(errors)
             p50, p90, p99 = np.percentile(lat, [50, 90, 99])
+            server = "-" if not search_ms else " / ".join(f"{x:.1f}" for x in np.percentile(search_ms, [50, 99]))
             rows.append(f"| `{name}` | {n:,} | {conc} | {p50:.1f} | {p90:.1f} | {p99:.1f} | {lat.max():.1f} | "
-                        f"{n / wall:,.0f} | {len(errors)} |")
+                        f"{server} | {n / wall:,.0f} | {len(errors)} |")
             print(rows[-1], flush=True)
             for e in errors[:5]:
                 print("  error:", e, flush=True)
@@ -319,9 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
-        "# Search service load test",
-        "",
-        f"`python benchmarks/bench_serving.py {argv_text}`".replace(" `", "`"),
+        f"`python benchmarks/bench_serving.py {argv_text}`".replace(" `", "`") + f" (code {code_version()})",
         "",
         f"Data: {source}; {n_items:,} items, {n_bits}-bit codes, `mih` backend. Server: one uvicorn "
         f"process as `fashionhash serve` runs it ({server_stack(args.plain_uvicorn)}), clients: threads "
@@ -332,16 +402,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{x:.1f}' for x in load_before)} / {' '.join(f'{x:.1f}' for x in load_after)} "
         "(other jobs share this machine).",
         "",
-        "| request | requests | clients | p50 ms | p90 ms | p99 ms | max ms | requests/s | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Ranking of the searches: {ranking_text(ranking, n_items)}.",
+        "",
+        "| request | requests | clients | p50 ms | p90 ms | p99 ms | max ms | server search_ms p50 / p99 "
+        "| requests/s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        "Latency is measured by the client: queueing behind the other clients' requests included.",
+        "Latency is measured by the client: queueing behind the other clients' requests included. "
+        "server search_ms: the service's own time for the search (shortlist, re-rank, metadata) of "
+        "each request, without HTTP, JSON, queueing or, for a photo, the backbone.",
         "",
     ])
     if not args.quick or args.out != p.get_default("out"):
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        appending = args.append and args.out.exists()
+        head = args.out.read_text().rstrip("\n") + "\n\n" if appending else "# Search service load test\n\n"
+        args.out.write_text(head + text)
         print(f"written to {args.out}")
     return 1 if failed else 0
 

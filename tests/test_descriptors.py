@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from fashionhash import codes as C
-from fashionhash.descriptors import (Whitening, dequantize, l2_normalise, quantize, rerank,
-                                     rerank_reference, sign_codes)
+from fashionhash.descriptors import (Whitening, dequantize, l2_normalise, quantize, rerank, rerank_reference,
+                                     rerank_rows, sign_codes, squared_norms)
 from fashionhash.evaluation.two_stage import choose_shortlist, descriptor_only_hits, two_stage_hits
 from fashionhash.index import HashIndex, IndexFormatError
+from fashionhash.index import _kernel as K
 from fashionhash.index.descriptor_store import DescriptorStore
+from fashionhash.index.persist import write_container
 
 from test_index import LOCAL_BACKENDS  # noqa: E402
 
@@ -63,6 +65,42 @@ def test_rerank_matches_the_slow_reference(seed):
         assert np.array_equal(got[1], ref[1])
         assert np.allclose(got[0], ref[0], atol=1e-5)
     assert rerank(query, np.full(3, -1), rows[:3], 5)[1].size == 0
+
+
+@pytest.mark.parametrize("kernel", ["c", "numpy"])
+@pytest.mark.parametrize("d", [16, 37, 512])
+def test_batched_rerank_matches_the_slow_reference(kernel, d):
+    """Many shortlists at once over a shared store (the index's path): the C kernel and its
+    numpy twin give the reference's ids in its order, ties (identical rows, one row listed
+    twice) in shortlist order, padding dropped, k beyond the valid candidates padded."""
+    if kernel == "c" and K.kernel_name() != "c":
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(d)
+    n, q, r = 500, 12, 60
+    rows = quantize(_unit(rng, n, d))
+    rows[[7, 8]] = rows[3]
+    rows[9] = 0  # a zero row: cosine 0, as in the reference
+    cand = rng.integers(0, n, (q, r))
+    cand[:, [4, 30, 50]] = [8, 3, 7]
+    cand[:, 20] = cand[:, 40]
+    cand[2, ::2] = -1
+    cand[5, :] = -1
+    cand[6, 11] = 9
+    queries = rng.normal(size=(q, d)).astype(np.float32)
+    queries[:4] = dequantize(rows[3:4])  # the tied rows come first
+    sq = squared_norms(rows)
+    assert np.array_equal(sq, (rows.astype(np.int64) ** 2).sum(1))
+    for k in (1, 5, r, r + 7):
+        with K.use_kernel(kernel):
+            scores, pos = K.rerank_int8(queries, rows, sq, cand, k)
+        assert scores.shape == pos.shape == (q, k)
+        for i in range(q):
+            ref_s, ref_i = rerank_reference(queries[i], cand[i], rows[np.maximum(cand[i], 0)], k)
+            n_ok = ref_i.size
+            assert np.array_equal(cand[i][pos[i, :n_ok]], ref_i) and (pos[i, n_ok:] == -1).all()
+            assert np.allclose(scores[i, :n_ok], ref_s, atol=1e-6) and (scores[i, n_ok:] == 0).all()
+    # the numpy twin is the kernel's specification: same positions
+    assert np.array_equal(rerank_rows(queries, rows, sq, cand, 9)[1], K.rerank_int8(queries, rows, sq, cand, 9)[1])
 
 
 def _two_stage_reference(q_packed, q_desc, g_packed, g_desc, g_ids, true, r, ks):
@@ -150,10 +188,41 @@ def test_descriptor_store_add_get_remove_persist(tmp_path):
         DescriptorStore.load(tmp_path / "bad.fhd")
 
 
+@pytest.mark.parametrize("ids", ["compact", "sparse"])
+def test_descriptor_store_keeps_norms_and_reads_format_1(ids, tmp_path):
+    """Squared norms are saved (format 2) and computed when reading a format-1 file; rows are
+    found by the id -> row table (compact ids) or by binary search (sparse ids) alike."""
+    rng = np.random.default_rng(1)
+    id_list = np.arange(50) * (1 if ids == "compact" else 1_000_003)
+    rows = quantize(_unit(rng, 50, 8))
+    store = DescriptorStore(8)
+    store.add(id_list[::-1], rows[::-1])
+    assert (store._table is not None) == (ids == "compact")
+    assert np.array_equal(store.rows_of(np.stack([id_list[[3, 0]], [-1, id_list[49]]])), [[3, 0], [-1, 49]])
+    with pytest.raises(KeyError):
+        store.rows_of([id_list[-1] + 1])
+    store.remove(id_list[:2])
+    assert np.array_equal(store.get(id_list[[2, 49]]), rows[[2, 49]])
+    store.save(tmp_path / "v2.fhd")
+    write_container(tmp_path / "v1.fhd", {"kind": "descriptors", "dim": 8, "count": 48},
+                    {"ids": id_list[2:], "rows": rows[2:]})  # what format 1 wrote
+    for name in ("v2.fhd", "v1.fhd"):
+        back = DescriptorStore.load(tmp_path / name)
+        assert np.array_equal(back._sqnorms, (rows[2:].astype(np.int64) ** 2).sum(1))
+        assert np.array_equal(back.get(id_list[[2, 49]]), rows[[2, 49]])
+    write_container(tmp_path / "v9.fhd", {"kind": "descriptors", "version": 9, "dim": 8, "count": 48},
+                    {"ids": id_list[2:], "rows": rows[2:]})
+    with pytest.raises(IndexFormatError, match="format 9"):
+        DescriptorStore.load(tmp_path / "v9.fhd")
+
+
+@pytest.mark.parametrize("kernel", ["c", "numpy"])
 @pytest.mark.parametrize("backend", LOCAL_BACKENDS)
-def test_index_two_stage_search_matches_the_reference(backend, tmp_path):
+def test_index_two_stage_search_matches_the_reference(backend, kernel, tmp_path):
     if backend == "faiss":
         pytest.importorskip("faiss")
+    if kernel == "c" and K.kernel_name() != "c":
+        pytest.skip("no C compiler")
     rng = np.random.default_rng(7)
     n, bits, d = 400, 32, 12
     ids = rng.permutation(10_000)[:n].astype(np.int64)
@@ -172,7 +241,8 @@ def test_index_two_stage_search_matches_the_reference(backend, tmp_path):
     assert index.descriptor_dim == d and len(index) == n - 10
     q_codes, q_desc = codes[[20, 21, 0]], rng.normal(size=(3, d)).astype(np.float32)
     for filters in (None, {"colour": "red"}):
-        scores, dist, got = index.search_two_stage(q_codes, q_desc, 5, 60, filters)
+        with K.use_kernel(kernel):
+            scores, dist, got = index.search_two_stage(q_codes, q_desc, 5, 60, filters)
         hd, cand = index.search(q_codes, 60, filters)
         for q in range(3):
             rows = np.stack([desc[np.flatnonzero(ids == c)[0]] for c in cand[q] if c >= 0])

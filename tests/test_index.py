@@ -24,6 +24,8 @@ from fashionhash.index import (
     open_index,
     use_kernel,
 )
+from fashionhash.index import _kernel
+from fashionhash.index._kernel import to_words
 from fashionhash.index.persist import MAGIC
 
 LOCAL_BACKENDS = [n for n in INDEXES.names() if not INDEXES.get(n).external]
@@ -731,3 +733,28 @@ def test_registry_and_errors():
     with pytest.raises(ValueError):
         MIHIndex(64, m=1)  # 64-bit substrings cannot be direct keys
     assert math.isinf(MIHIndex(64, budget=float("inf")).options()["budget"])
+
+
+@pytest.mark.parametrize("n_bits", [32, 64, 128])
+def test_scan_of_a_large_part_of_the_rows_matches_numpy(n_bits, rng):
+    """k-NN for k a large part of n (a two-stage shortlist) selects by distance histogram in
+    C: the same (distance, id) order as the numpy scan, ties at the k-th distance by id,
+    ids in any row order, a mask, fewer rows than k."""
+    n = 1200
+    db = to_words(shared_codes(rng, n, n_bits))
+    ids = rng.choice(10**6, n, replace=False).astype(np.int64)
+    q = to_words(np.concatenate([shared_codes(rng, 4, n_bits), random_codes(rng, 2, n_bits)]))
+    mask = rng.random(n) < 0.7
+    for k in (n // _kernel.SELECT_FRACTION, n // 3, n - 1, n + 5):
+        for allowed in (None, mask):
+            with use_kernel("numpy"):
+                want = _kernel.scan_knn(db, ids, allowed, q, k)
+            with use_kernel("c"):
+                got = _kernel.scan_knn(db, ids, allowed, q, k)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+    sorted_ids = np.arange(n, dtype=np.int64)  # rows already in id order: no sort needed
+    with use_kernel("c"):
+        got = _kernel.scan_knn(db, sorted_ids, None, q, n // 2)
+    with use_kernel("numpy"):
+        np.testing.assert_array_equal(got[1], _kernel.scan_knn(db, sorted_ids, None, q, n // 2)[1])

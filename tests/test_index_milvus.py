@@ -249,3 +249,41 @@ def test_clear_error_when_server_is_down(rng):
     with pytest.raises(ConnectionError, match=rf"cannot reach Milvus at http://127.0.0.1:{port}.*make milvus"):
         MilvusIndex(64, uri=f"http://127.0.0.1:{port}", timeout=2)
     assert time.monotonic() - t0 < 20
+
+
+def test_server_two_stage_search_like_flat(milvus_server, rng, tmp_path):
+    """Two-stage search on a Milvus-backed catalogue: Milvus returns the Hamming shortlist,
+    the descriptors kept in the index directory re-rank it; ids, order, Hamming distances
+    and cosines equal the local ``flat`` catalogue's over the same codes and descriptors,
+    after removals and a reopen, with and without a filter."""
+    from fashionhash.descriptors import l2_normalise, quantize
+
+    n, n_bits, d = 1500, 64, 48
+    db = clustered_codes(rng, n, n_bits)
+    db[1::5] = db[0]  # a shared code: ties at the shortlist's edge, ordered by id
+    ids = rng.choice(10**6, n, replace=False)
+    desc = quantize(l2_normalise(rng.normal(size=(n, d))))
+    desc[2::7] = desc[0]  # equal cosines: the Hamming (distance, id) order decides
+    meta = [{"gender": ["Men", "Women"][j % 2]} for j in range(n)]
+    cats = {"milvus": HashIndex("milvus", n_bits, tmp_path / "m", descriptor_dim=d, uri=milvus_server.uri,
+                                collection=next(_names)),
+            "flat": HashIndex("flat", n_bits, tmp_path / "f", descriptor_dim=d)}
+    for cat in cats.values():
+        cat.add(ids, db, meta, descriptors=desc)
+        cat.remove(ids[::11])
+        cat.save()
+        cat.close()
+    cats = {name: HashIndex.open(tmp_path / name[0]) for name in cats}
+    assert cats["milvus"].index.name == "milvus" and cats["milvus"].descriptor_dim == d
+    q = np.concatenate([near(rng, db, n_bits, 12), db[:2], random_codes(rng, 2, n_bits)])
+    q_desc = np.concatenate([rng.normal(size=(14, d)), desc[:1].astype(float), rng.normal(size=(1, d))])
+    for filters in (None, {"gender": "Women"}):
+        for k, shortlist in ((10, 50), (5, 400)):
+            got = cats["milvus"].search_two_stage(q, q_desc, k, shortlist, filters)
+            want = cats["flat"].search_two_stage(q, q_desc, k, shortlist, filters)
+            np.testing.assert_array_equal(got[2], want[2])
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+            assert (got[2] >= 0).all()
+    for cat in cats.values():
+        cat.close()

@@ -594,6 +594,17 @@ def test_cli_serve_refuses_a_busy_port(tiny_run, tiny_index, capsys):
     assert "in use" in capsys.readouterr().err
 
 
+def test_cli_serve_passes_the_ranking_options(tiny_run, tiny_index, monkeypatch):
+    """`fashionhash serve --shortlist R` / `--codes-only` reach the service (the server is stubbed)."""
+    import fashionhash.serving.app as app_module
+
+    calls = []
+    monkeypatch.setattr(app_module, "serve", lambda *a, **kw: calls.append(kw))
+    base = ["serve", str(tiny_run), "--index", str(tiny_index), "--port", "0"]
+    assert main(base) == 0 and main([*base, "--shortlist", "1000"]) == 0 and main([*base, "--codes-only"]) == 0
+    assert [(c["two_stage"], c["shortlist"]) for c in calls] == [(True, 0), (True, 1000), (False, 0)]
+
+
 def test_demo_indexes_then_serves(tiny_kaggle, tmp_path, monkeypatch, capsys):
     """`fashionhash demo` trains, evaluates, builds RUN/index and serves it (the server is
     stubbed here; tests/test_browser.py runs the real one); --no-serve stops after indexing."""

@@ -461,7 +461,8 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, token: str | None) -> int:
+def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, token: str | None,
+                   two_stage: bool = True, shortlist: int = 0) -> int:
     import os
 
     from fashionhash.serving.app import serve
@@ -472,7 +473,8 @@ def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, toke
     token = token or os.environ.get("FASHIONHASH_TOKEN") or None
     print(f"serving {index} on http://{host}:{port}  (Ctrl-C to stop; "
           f"{'writes need the bearer token' if token else 'read-only: no --token'})", flush=True)
-    serve(run_dir, index, host=host, port=port, token=token, log_level="warning")
+    serve(run_dir, index, host=host, port=port, token=token, two_stage=two_stage, shortlist=shortlist,
+          log_level="warning")
     return 0
 
 
@@ -490,7 +492,7 @@ def _cmd_serve(args) -> int:
     if not index.exists():
         print(f"no index at {index}: building it")
         _build_index_verbose(run_dir, index, "mih", "all", False, args.quiet)
-    return _serve_verbose(run_dir, index, args.host, args.port, args.token)
+    return _serve_verbose(run_dir, index, args.host, args.port, args.token, not args.codes_only, args.shortlist)
 
 
 def _demo_index_and_serve(args, run_dir: Path) -> int:
@@ -555,6 +557,10 @@ def _add_serving_commands(sub) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--token", help="bearer token for adding/removing items (default $FASHIONHASH_TOKEN)")
     v.add_argument("--quiet", action="store_true")
+    v.add_argument("--codes-only", action="store_true",
+                   help="rank by Hamming distance alone, even where the index stores descriptors")
+    v.add_argument("--shortlist", type=int, default=0,
+                   help="Hamming candidates the descriptors re-rank (default: the size chosen on val)")
     v.set_defaults(func=_cmd_serve)
 
 

@@ -8,8 +8,9 @@ backbone saw (local detail, colour) orders it. numpy in, numpy out, like :mod:`c
 * :class:`Whitening` maps them to ``(N, d)`` unit vectors (PCA-whitened, then L2);
 * :func:`quantize` stores a unit vector as ``d`` int8 values scaled so the largest
   component is +-127 (cosine ranking needs only the direction, so the scale is not kept);
-* :func:`rerank` orders candidates by cosine between a float query and int8 rows, and
-  :func:`rerank_reference` is the slow, obvious version the tests compare it with;
+* :func:`rerank` orders candidates by cosine between a float query and int8 rows,
+  :func:`rerank_rows` does it for many shortlists at once (the index's C kernel is its
+  twin), and :func:`rerank_reference` is the slow, obvious version the tests compare them with;
 * :func:`sign_codes` turns descriptors into a short binary code (the signs of their leading,
   PCA-ordered components) whose Hamming shortlist keeps the very product, where the
   type-level hash code does not.
@@ -25,8 +26,8 @@ import numpy as np
 
 from fashionhash import codes as C
 
-__all__ = ["Whitening", "l2_normalise", "quantize", "dequantize", "cosine_int8", "rerank",
-           "rerank_positions", "rerank_reference", "sign_codes"]
+__all__ = ["Whitening", "l2_normalise", "quantize", "dequantize", "squared_norms", "rerank",
+           "rerank_rows", "rerank_positions", "rerank_reference", "sign_codes"]
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -158,25 +159,59 @@ def dequantize(q: np.ndarray) -> np.ndarray:
     return l2_normalise(np.asarray(q, dtype=np.float32))
 
 
-def cosine_int8(query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Cosine between one float query ``(d,)`` and int8 rows ``(R, d)`` -> ``(R,)`` float32."""
-    r = rows.astype(np.float32)
-    norms = np.maximum(np.linalg.norm(r, axis=1), 1e-12)
-    q = np.asarray(query, dtype=np.float32)
-    return (r @ q) / (norms * max(float(np.linalg.norm(q)), 1e-12))
+def squared_norms(rows: np.ndarray) -> np.ndarray:
+    """Exact squared norms of int8 rows ``(N, d)`` -> ``(N,)`` int64 (in blocks: no (N, d)
+    int64 copy of a large store)."""
+    rows = np.asarray(rows)
+    out = np.empty(rows.shape[0], np.int64)
+    step = 8192
+    for a in range(0, rows.shape[0], step):
+        r = rows[a:a + step].astype(np.int64)
+        out[a:a + step] = np.einsum("ij,ij->i", r, r)
+    return out
+
+
+def rerank_rows(queries: np.ndarray, rows: np.ndarray, sqnorms: np.ndarray, cand_rows: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank many shortlists at once (numpy; the index runs a C twin with the same answers).
+
+    ``queries (Q, d)`` float, ``rows (N, d)`` int8 with ``sqnorms (N,)`` their
+    :func:`squared_norms`, ``cand_rows (Q, R)`` int64 the row of each shortlist entry in
+    ``rows`` (-1: none). Returns (cosines ``(Q, k)`` float32, shortlist positions ``(Q, k)``
+    int64), best first, equal cosines in shortlist order, padded with (0, -1). Cosines are
+    computed in float64 as in :func:`rerank_reference`, so float32 rounding never merges two
+    candidates into a tie the reference would break.
+    """
+    queries = np.asarray(queries, np.float64)
+    cand_rows = np.asarray(cand_rows, np.int64)
+    nq, r = cand_rows.shape
+    scores = np.zeros((nq, k), np.float32)
+    pos = np.full((nq, k), -1, np.int64)
+    q_norm = np.linalg.norm(queries, axis=1)
+    step = max(1, (1 << 22) // max(1, r * rows.shape[1]))  # bounds the (step, R, d) float64 gather
+    for a in range(0, nq, step):
+        b = min(nq, a + step)
+        valid = cand_rows[a:b] >= 0
+        safe = np.where(valid, cand_rows[a:b], 0)
+        dots = np.einsum("qrd,qd->qr", rows[safe].astype(np.float64), queries[a:b])
+        cos = dots / (q_norm[a:b, None] * np.sqrt(sqnorms[safe].astype(np.float64)) + 1e-300)
+        cos[~valid] = -np.inf  # sorts after every real candidate
+        order = np.argsort(-cos, axis=1, kind="stable")[:, :k]  # stable: ties keep the shortlist order
+        ok = np.take_along_axis(valid, order, 1)
+        scores[a:b, :order.shape[1]] = np.where(ok, np.take_along_axis(cos, order, 1), 0.0)
+        pos[a:b, :order.shape[1]] = np.where(ok, order, -1)
+    return scores, pos
 
 
 def rerank_positions(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`rerank` as positions in the shortlist: ``(scores (k',), positions (k',))``, so
     callers can carry along what else they know of each candidate (its Hamming distance)."""
-    valid = np.flatnonzero(np.asarray(candidates) >= 0)
-    if valid.size == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    scores = cosine_int8(query, rows[valid])
-    # stable sort on -score: ties keep the Hamming order of the shortlist
-    order = np.argsort(-scores, kind="stable")[:k]
-    return scores[order], valid[order]
+    rows = np.asarray(rows)
+    cand_rows = np.where(np.asarray(candidates) >= 0, np.arange(len(rows)), -1)[None]
+    scores, pos = rerank_rows(np.asarray(query)[None], rows, squared_norms(rows), cand_rows, k)
+    n = int((pos[0] >= 0).sum())
+    return scores[0, :n], pos[0, :n]
 
 
 def rerank(query: np.ndarray, candidates: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ typedef int32_t i32;
 typedef uint64_t u64;
 typedef uint32_t u32;
 typedef uint8_t u8;
+typedef int8_t i8;
 
 #define POPC(x) ((int)__builtin_popcountll(x))
 #define INLINE static inline __attribute__((always_inline))
@@ -30,7 +31,7 @@ typedef uint8_t u8;
 #define MAXM 64
 #define PROBE_BATCH 32
 
-int fh_abi_version(void) { return 3; }
+int fh_abi_version(void) { return 5; }
 
 INLINE int dist_w(const u64 *a, const u64 *b, int W) {
     int d = 0;
@@ -187,6 +188,59 @@ int fh_scan_knn(const u64 *codes, i64 n, int W, const i64 *ids, const u8 *allowe
         }
         for (i64 q = q0; q < q1; ++q) heap_finish(&hs[q - q0], fill_d);
     }
+    return 0;
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    i64 x = *(const i64 *)a, y = *(const i64 *)b;
+    return (x > y) - (x < y);
+}
+
+/* Exact k-NN of single queries when k is a large part of n (a two-stage shortlist of a
+ * quarter of the catalogue): where the heap would pay log k for each of >= k admissions,
+ * this takes every distance, a histogram, the k-th distance t, and writes the rows closer
+ * than t, then the smallest ids at t, in (distance, id) order by a counting sort (ids are
+ * sorted within a level only when the rows are not already in id order).  Arguments as
+ * fh_scan_knn.  Returns -1 when out of memory. */
+int fh_scan_knn_select(const u64 *codes, i64 n, int W, const i64 *ids, const u8 *allowed,
+                       const u64 *queries, i64 nq, int k, i32 fill_d, i32 *out_d, i64 *out_i) {
+    const int nbins = 64 * W + 1;
+    i32 *dist = malloc(sizeof(i32) * (size_t)(n > 0 ? n : 1));
+    i64 *level = malloc(sizeof(i64) * (size_t)(n > 0 ? n : 1));
+    i64 *count = malloc(sizeof(i64) * (size_t)(nbins + 1));
+    if (!dist || !level || !count) { free(dist); free(level); free(count); return -1; }
+    for (i64 q = 0; q < nq; ++q) {
+        const u64 *qv = queries + q * W;
+        i32 *od = out_d + q * k;
+        i64 *oi = out_i + q * k;
+        for (int b = 0; b <= nbins; ++b) count[b] = 0;
+        for (i64 r = 0; r < n; ++r) {
+            i32 d = (!allowed || allowed[r]) ? dist_w(qv, codes + r * W, W) : -1;
+            dist[r] = d;
+            if (d >= 0) count[d]++;
+        }
+        i64 below = 0; /* rows closer than level t */
+        int t = 0;
+        while (t < nbins && below + count[t] < k) below += count[t++];
+        if (t == nbins) t = nbins - 1; /* fewer than k rows: all of them */
+        /* counting sort of the ids at levels <= t, stable in row order: count[lv] becomes
+         * the level's start, then its end as the ids are placed */
+        i64 start = 0;
+        for (int lv = 0; lv <= t; ++lv) { i64 c = count[lv]; count[lv] = start; start += c; }
+        for (i64 r = 0; r < n; ++r)
+            if (dist[r] >= 0 && dist[r] <= t) level[count[dist[r]]++] = ids[r];
+        int o = 0;
+        i64 lo = 0;
+        for (int lv = 0; lv <= t && o < k; ++lv) {
+            i64 hi = count[lv], sorted = 1;
+            for (i64 j = lo + 1; j < hi && sorted; ++j) sorted = level[j - 1] < level[j];
+            if (!sorted) qsort(level + lo, (size_t)(hi - lo), sizeof(i64), cmp_i64);
+            for (i64 j = lo; j < hi && o < k; ++j, ++o) { od[o] = lv; oi[o] = level[j]; }
+            lo = hi;
+        }
+        for (; o < k; ++o) { od[o] = fill_d; oi[o] = -1; }
+    }
+    free(dist); free(level); free(count);
     return 0;
 }
 
@@ -638,6 +692,118 @@ i64 fh_mih_radius(const mih_t *t, const u64 *queries, i64 nq, int radius, i64 *o
 out:
     free(level); free(sc.hits.g); free(sc.hits.d); free(sc.order); free(sc.lrows); free(sc.bits); free(sc.tail);
     return ret;
+}
+
+/* ---- second stage: cosine re-rank of a shortlist by int8 descriptors ------------------- */
+
+/* q . r for a double query and an int8 row in 16 accumulator lanes (lane t sums the
+ * elements j = t mod 16), combined in a fixed order: a row's score depends only on its values
+ * (identical rows tie exactly, whatever their address), and the AVX2 and portable paths give
+ * the same bits.  Every product is exact in double (24-bit x 8-bit mantissas).  Explicit
+ * vectors because the compiler may not reorder a floating-point sum by itself. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+INLINE double dot_q8(const double *q, const i8 *r, int d) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int j = 0;
+    for (; j + 16 <= d; j += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(r + j));
+        __m256i lo = _mm256_cvtepi8_epi32(b), hi = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(_mm256_loadu_pd(q + j), _mm256_cvtepi32_pd(_mm256_castsi256_si128(lo))));
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(_mm256_loadu_pd(q + j + 4), _mm256_cvtepi32_pd(_mm256_extracti128_si256(lo, 1))));
+        a2 = _mm256_add_pd(a2, _mm256_mul_pd(_mm256_loadu_pd(q + j + 8), _mm256_cvtepi32_pd(_mm256_castsi256_si128(hi))));
+        a3 = _mm256_add_pd(a3, _mm256_mul_pd(_mm256_loadu_pd(q + j + 12), _mm256_cvtepi32_pd(_mm256_extracti128_si256(hi, 1))));
+    }
+    double v[4];
+    _mm256_storeu_pd(v, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+    double tail = 0.0;
+    for (; j < d; ++j) tail += q[j] * (double)r[j];
+    return ((v[0] + v[1]) + (v[2] + v[3])) + tail;
+}
+#else
+INLINE double dot_q8(const double *q, const i8 *r, int d) {
+    double a[16] = {0};
+    int j = 0;
+    for (; j + 16 <= d; j += 16)
+        for (int t = 0; t < 16; ++t) a[t] += q[j + t] * (double)r[j + t];
+    double v[4];
+    for (int t = 0; t < 4; ++t) v[t] = (a[t] + a[t + 4]) + (a[t + 8] + a[t + 12]);
+    double tail = 0.0;
+    for (; j < d; ++j) tail += q[j] * (double)r[j];
+    return ((v[0] + v[1]) + (v[2] + v[3])) + tail;
+}
+#endif
+
+/* Top-k min-heap on (score, position): the root is the worst kept, i.e. the lowest score,
+ * and among equal scores the latest shortlist position. */
+INLINE int rworse(double sa, i64 pa, double sb, i64 pb) { return sa < sb || (sa == sb && pa > pb); }
+
+static void rsift_down(double *hs, i64 *hp, int n, int pos) {
+    double s = hs[pos];
+    i64 p = hp[pos];
+    for (;;) {
+        int c = 2 * pos + 1;
+        if (c >= n) break;
+        if (c + 1 < n && rworse(hs[c + 1], hp[c + 1], hs[c], hp[c])) c++;
+        if (!rworse(hs[c], hp[c], s, p)) break;
+        hs[pos] = hs[c]; hp[pos] = hp[c]; pos = c;
+    }
+    hs[pos] = s; hp[pos] = p;
+}
+
+static void rsift_up(double *hs, i64 *hp, int pos) {
+    double s = hs[pos];
+    i64 p = hp[pos];
+    while (pos > 0) {
+        int par = (pos - 1) / 2;
+        if (!rworse(s, p, hs[par], hp[par])) break;
+        hs[pos] = hs[par]; hp[pos] = hp[par]; pos = par;
+    }
+    hs[pos] = s; hp[pos] = p;
+}
+
+/* Re-rank shortlists by cosine.  rows (n, d) int8 descriptors with sqnorms (n,) their exact
+ * squared norms; queries (nq, d) double; cand (nq, R) the store row of each shortlist entry,
+ * -1 for none.  Writes the k best per query, by (cosine desc, shortlist position asc), to
+ * out_s (nq, k) float32 and out_p (nq, k) shortlist positions, padded with (0, -1).
+ * cos = q.r / (|q| |r| + 1e-300), as descriptors.rerank_reference.  Returns -1 when out of memory. */
+int fh_rerank(const i8 *rows, int d, const i64 *sqnorms, const double *queries, i64 nq,
+              const i64 *cand, int R, int k, float *out_s, i64 *out_p) {
+    if (k <= 0 || nq <= 0) return 0;
+    double *hs = malloc(sizeof(double) * (size_t)k);
+    i64 *hp = malloc(sizeof(i64) * (size_t)k);
+    if (!hs || !hp) { free(hs); free(hp); return -1; }
+    for (i64 q = 0; q < nq; ++q) {
+        const double *qv = queries + q * d;
+        const i64 *c = cand + q * R;
+        double qn = 0.0;
+        for (int j = 0; j < d; ++j) qn += qv[j] * qv[j];
+        qn = sqrt(qn);
+        int size = 0;
+        for (int j = 0; j < R; ++j) {
+            /* rows are scattered over the store: fetch a few candidates ahead */
+            if (j + 8 < R && c[j + 8] >= 0) {
+                const i8 *ahead = rows + c[j + 8] * d;
+                for (int b = 0; b < d; b += 64) __builtin_prefetch(ahead + b);
+            }
+            i64 r = c[j];
+            if (r < 0) continue;
+            double s = dot_q8(qv, rows + r * d, d) / (qn * sqrt((double)sqnorms[r]) + 1e-300);
+            if (size < k) { hs[size] = s; hp[size] = j; rsift_up(hs, hp, size); size++; }
+            else if (s > hs[0]) { hs[0] = s; hp[0] = j; rsift_down(hs, hp, k, 0); }
+        }
+        for (int n = size; n > 1; --n) { /* heap-sort: worst to the back, i.e. best first */
+            double ts = hs[0]; i64 tp = hp[0];
+            hs[0] = hs[n - 1]; hp[0] = hp[n - 1]; hs[n - 1] = ts; hp[n - 1] = tp;
+            rsift_down(hs, hp, n - 1, 0);
+        }
+        for (int j = 0; j < k; ++j) {
+            out_s[q * k + j] = j < size ? (float)hs[j] : 0.0f;
+            out_p[q * k + j] = j < size ? hp[j] : -1;
+        }
+    }
+    free(hs); free(hp);
+    return 0;
 }
 
 /* Counting sort of one table: keys (n,) < 2^len -> offsets (2^len + 1), rows (n).

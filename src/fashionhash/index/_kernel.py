@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionhash.descriptors import rerank_rows
+
 from ._csrc import SOURCE
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ PAD_DISTANCE = np.iinfo(np.int32).max
 
 RadiusList = list[tuple[np.ndarray, np.ndarray]]
 
-_ABI_VERSION = 3
+#: the exact scan selects by distance histogram instead of a heap when k >= n / SELECT_FRACTION
+SELECT_FRACTION = 16
+
+_ABI_VERSION = 5
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -142,6 +147,8 @@ def _load_lib() -> ctypes.CDLL:
         raise RuntimeError(f"stale kernel library {path}")
     lib.fh_scan_knn.argtypes = [_P, _I64, _INT, _P, _P, _P, _I64, _INT, _I32, _P, _P]
     lib.fh_scan_knn.restype = _INT
+    lib.fh_scan_knn_select.argtypes = [_P, _I64, _INT, _P, _P, _P, _I64, _INT, _I32, _P, _P]
+    lib.fh_scan_knn_select.restype = _INT
     lib.fh_scan_radius.argtypes = [_P, _I64, _INT, _P, _P, _I64, _INT, _P, _P, _P, _I64, _P]
     lib.fh_scan_radius.restype = _I64
     lib.fh_mih_knn.argtypes = [ctypes.POINTER(_MIHStruct), _P, _I64, _INT, _I32, _P, _P, _P, _P]
@@ -152,6 +159,8 @@ def _load_lib() -> ctypes.CDLL:
     lib.fh_mih_radius.restype = _I64
     lib.fh_mih_build_direct.argtypes = [_P, _I64, _INT, _P, _P]
     lib.fh_mih_build_direct.restype = None
+    lib.fh_rerank.argtypes = [_P, _INT, _P, _P, _I64, _P, _INT, _INT, _P, _P]
+    lib.fh_rerank.restype = _INT
     return lib
 
 
@@ -297,10 +306,15 @@ def scan_knn(words, ids, allowed, queries, k: int):
     lib = _get_lib()
     if lib is not None:
         W = words.shape[1]
+        # a large part of the rows (a two-stage shortlist): select by distance histogram,
+        # since a heap would pay log k on each of >= k admissions
+        select = k * SELECT_FRACTION >= n
 
         def run(a, b):
-            lib.fh_scan_knn(_ptr(words), n, W, _ptr(ids), _ptr(mask), _ptr(queries[a:b]), b - a, k,
-                            PAD_DISTANCE, _ptr(out_d[a:b]), _ptr(out_i[a:b]))  # fmt: skip
+            fn = lib.fh_scan_knn_select if select else lib.fh_scan_knn
+            if fn(_ptr(words), n, W, _ptr(ids), _ptr(mask), _ptr(queries[a:b]), b - a, k,
+                  PAD_DISTANCE, _ptr(out_d[a:b]), _ptr(out_i[a:b])) < 0:  # fmt: skip
+                raise MemoryError("the scan kernel could not allocate its scratch memory")
 
         _map_chunks(run, nq, min_chunk=4, per_thread=1)
         return out_d, out_i
@@ -780,3 +794,40 @@ def mih_radius(t: MIHTables, words, ids, allowed, n_total: int, queries, radius:
         rs.append(rows + t.n_indexed)
     triples = (np.concatenate(qs), np.concatenate(ds), np.concatenate(rs)) if qs else _empty_triples()
     return group_radius(nq, *triples, ids), fallback.astype(bool), stats
+
+
+# ---------------------------------------------------------------------------------------
+# second stage: cosine re-rank of shortlists by int8 descriptors
+
+
+def rerank_int8(queries: np.ndarray, rows: np.ndarray, sqnorms: np.ndarray, cand_rows: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order each query's shortlist by cosine to its descriptor, keep the k best.
+
+    ``queries (Q, d)`` float, ``rows (N, d)`` int8 store rows with ``sqnorms (N,)`` int64
+    their squared norms, ``cand_rows (Q, R)`` int64 the store row of each shortlist entry
+    (-1: none). Returns (cosines ``(Q, k)`` float32, shortlist positions ``(Q, k)`` int64),
+    best first, equal cosines in shortlist order, padded with (0, -1): the same answer as
+    :func:`fashionhash.descriptors.rerank_rows` (its numpy twin). Rows are read in place:
+    nothing of size (Q, R, d) is built.
+    """
+    lib = _get_lib()
+    if lib is None:
+        return rerank_rows(queries, rows, sqnorms, cand_rows, k)
+    nq, r = cand_rows.shape
+    d = rows.shape[1]
+    q64 = np.ascontiguousarray(queries, dtype=np.float64)
+    cand = np.ascontiguousarray(cand_rows, dtype=np.int64)
+    rows, sqnorms = np.ascontiguousarray(rows, dtype=np.int8), np.ascontiguousarray(sqnorms, dtype=np.int64)
+    out_s = np.zeros((nq, k), np.float32)
+    out_p = np.full((nq, k), -1, np.int64)
+    if nq == 0 or k == 0:
+        return out_s, out_p
+
+    def run(a, b):
+        if lib.fh_rerank(_ptr(rows), d, _ptr(sqnorms), _ptr(q64[a:b]), b - a, _ptr(cand[a:b]), r, k,
+                         _ptr(out_s[a:b]), _ptr(out_p[a:b])) < 0:  # fmt: skip
+            raise MemoryError("the re-rank kernel could not allocate its heap")
+
+    _map_chunks(run, nq, min_chunk=4, per_thread=1)
+    return out_s, out_p

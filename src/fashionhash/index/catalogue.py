@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from fashionhash import codes as C
-from fashionhash.descriptors import rerank_positions, sign_codes
+from fashionhash.descriptors import sign_codes
 
 from .base import INDEXES, BinaryIndex, _as_ids, check_filter_keys, open_index
 from .descriptor_store import DescriptorStore
@@ -453,15 +453,22 @@ class HashIndex:
         k, shortlist = BinaryIndex.check_k(k), BinaryIndex.check_k(shortlist)
         with self._lock:
             dist, cand = self._shortlist(codes, descriptors, max(k, shortlist), filters)
-            rows = self._desc.get(cand.reshape(-1)).reshape(*cand.shape, -1)
-        scores = np.zeros((len(cand), k), np.float32)
-        out_d = np.zeros((len(cand), k), np.int32)
-        out_i = np.full((len(cand), k), -1, np.int64)
-        for q in range(len(cand)):
-            sc, pos = rerank_positions(descriptors[q], cand[q], rows[q], k)
-            n = len(pos)
-            scores[q, :n], out_i[q, :n], out_d[q, :n] = sc, cand[q][pos], dist[q][pos]
+            scores, pos = self._desc.rerank(descriptors, cand, k)
+        found = pos >= 0
+        at = np.where(found, pos, 0)
+        out_i = np.where(found, np.take_along_axis(cand, at, 1), -1)
+        out_d = np.where(found, np.take_along_axis(dist, at, 1), 0).astype(np.int32)
         return scores, out_d, out_i
+
+    def rerank(self, descriptors, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The second stage alone: order shortlists ``candidates (Q, R)`` of ids (-1: padding)
+        by the cosine between each query's float descriptor ``(Q, d)`` and the stored int8
+        descriptors. Returns (cosines ``(Q, k)`` float32, positions in the shortlist ``(Q, k)``
+        int64), best first, equal cosines in shortlist order, padded with (0, -1)."""
+        if self._desc is None:
+            raise ValueError("this index stores no descriptors")
+        with self._lock:  # add/remove replace the store's arrays
+            return self._desc.rerank(descriptors, candidates, BinaryIndex.check_k(k))
 
     def _shortlist(self, codes, descriptors: np.ndarray, r: int,
                    filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from fashionhash import codes as C
-from fashionhash.descriptors import dequantize, quantize, rerank_positions
+from fashionhash.descriptors import dequantize, quantize
 from fashionhash.index import BinaryIndex, HashIndex
 from fashionhash.index.build import (
     IndexInfo,
@@ -406,7 +406,8 @@ class SearchService:
         dist, ids = dist[keep], ids[keep]
         scores = None
         if two_stage and ids.size:
-            scores, pos = rerank_positions(descriptor[0], ids, self.index.get_descriptors(ids), k)
+            scores, pos = self.index.rerank(descriptor, ids[None], k)
+            scores, pos = scores[0], pos[0][pos[0] >= 0]
             dist, ids = dist[pos], ids[pos]
         if by_sign and ids.size:  # the distance shown is always the hash code's
             ids = ids[:k]
