@@ -181,7 +181,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
 def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:
     ckpt_dir = _check_run(cfg, run_dir, resume, info)
     # the processes of one machine share its cores
-    threads = cfg.train.threads or _default_threads(cfg, info)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world)
     torch.set_num_threads(threads)
     jlog = _JsonLog(run_dir / "log.jsonl")
     data = _load_data(cfg, run_dir, cb, info)
@@ -402,16 +402,6 @@ def _finetune_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, i
                       _stack_images(cat, tr[keep], spec, mcfg.image_size), labels.y[kept["val"]], y_tr[keep])
     return _TrainData(classes=labels.classes, attr_keys=labels.attr_keys, attr_sizes=labels.attr_sizes(),
                       train_y=y_tr, n_steps=max(1, len(ds) // tcfg.batch_size), stream=stream, val=val)
-
-
-def _default_threads(cfg: Config, info: DistInfo) -> int:
-    """Torch threads when ``train.threads`` is unset: one for a head on cached features
-    (about as fast as two on quiet cores, 14 s against 15 s an epoch, but beside another
-    busy process two threads spin-waited through 240 s epochs where one took 7 s); the
-    machine's cores shared by the local processes for a network with a backbone."""
-    if cfg.model.mode == "frozen":
-        return 1
-    return max(1, (os.cpu_count() or 1) // info.local_world)
 
 
 def _write_meta(path: Path, data: _TrainData, threads: int, info: DistInfo) -> None:
