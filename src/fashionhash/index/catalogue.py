@@ -452,12 +452,16 @@ class HashIndex:
             raise ValueError(f"query descriptors must be (Q, {self._desc.dim}), got {descriptors.shape}")
         k, shortlist = BinaryIndex.check_k(k), BinaryIndex.check_k(shortlist)
         with self._lock:
+            codes = self._index.check_codes(codes)
             dist, cand = self._shortlist(codes, descriptors, max(k, shortlist), filters)
             scores, pos = self._desc.rerank(descriptors, cand, k)
-        found = pos >= 0
-        at = np.where(found, pos, 0)
-        out_i = np.where(found, np.take_along_axis(cand, at, 1), -1)
-        out_d = np.where(found, np.take_along_axis(dist, at, 1), 0).astype(np.int32)
+            found = pos >= 0
+            at = np.where(found, pos, 0)
+            out_i = np.where(found, np.take_along_axis(cand, at, 1), -1)
+            if dist is None:  # a sign-code shortlist: the hash code's distances of the k kept only
+                out_d = self._hash_distances(codes, out_i)
+            else:
+                out_d = np.where(found, np.take_along_axis(dist, at, 1), 0).astype(np.int32)
         return scores, out_d, out_i
 
     def rerank(self, descriptors, candidates, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -470,24 +474,27 @@ class HashIndex:
         with self._lock:  # add/remove replace the store's arrays
             return self._desc.rerank(descriptors, candidates, BinaryIndex.check_k(k))
 
-    def _shortlist(self, codes, descriptors: np.ndarray, r: int,
-                   filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:
-        """The first stage: (Hamming distances of the hash codes ``(Q, r)``, ids ``(Q, r)``)
-        of the ``r`` nearest by the hash code, or by the descriptors' sign code when the
-        index has one (the reported distance stays the hash code's)."""
-        codes = self._index.check_codes(codes)
+    def _shortlist(self, codes: np.ndarray, descriptors: np.ndarray, r: int,
+                   filters: Filters | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """The first stage: ids ``(Q, r)`` of the ``r`` nearest by the hash code, with their
+        Hamming distances ``(Q, r)``, or by the descriptors' sign code when the index has
+        one, with None (those distances are not the hash code's)."""
         if len(codes) != len(descriptors):
             raise ValueError(f"{len(codes)} codes but {len(descriptors)} descriptors")
         if self._short is None:
             return self.search(codes, r, filters)
         allowed = None if not filters else self.filter_ids(filters)
-        _, cand = self._short.search(self.sign_code(descriptors), r, filter_ids=allowed)
-        dist = np.zeros(cand.shape, np.int32)
-        for q, row in enumerate(cand):
+        return None, self._short.search(self.sign_code(descriptors), r, filter_ids=allowed)[1]
+
+    def _hash_distances(self, codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Hamming distances ``(Q, k)`` int32 between each query's hash code and its result
+        ids ``(Q, k)`` (0 where the id is -1)."""
+        dist = np.zeros(ids.shape, np.int32)
+        for q, row in enumerate(ids):
             ok = row >= 0
             if ok.any():
-                dist[q, ok] = C.hamming(codes[q:q + 1], self._index.get_codes(row[ok]))[0]
-        return dist, cand
+                dist[q, ok] = C.hamming_one(codes[q], self._index.get_codes(row[ok]))
+        return dist
 
     def radius_search(self, codes, radius: int, filters: Filters | None = None):
         """Items within ``radius`` (matching ``filters``) -> per query (distances, ids)."""

@@ -346,7 +346,8 @@ class SearchService:
     def _subset_codes(self, filters: dict[str, list[str]], space: BinaryIndex) -> tuple[np.ndarray, np.ndarray]:
         """Sorted ids matching ``filters`` and their packed codes in ``space`` (the hash
         codes' index or the descriptors' sign-code index), cached until a write."""
-        key = (id(space),) + tuple(sorted((k, tuple(sorted(v))) for k, v in filters.items()))
+        name = "codes" if space is self.index.index else "sign"  # the only two spaces there are
+        key = (name,) + tuple(sorted((k, tuple(sorted(v))) for k, v in filters.items()))
         with self._cache_lock:
             hit = self._codes_cache.get(key)
             if hit is not None:
