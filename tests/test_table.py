@@ -20,7 +20,7 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
     # one method of each kind (adversarial, real-valued SGML, closed-form, naive) keeps it short
     # two runs side by side in child processes (the CLI): the path the full table takes
     argv = ["table", "--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist), "--jobs", "2",
-            "--methods", "adversarial,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
+            "--methods", "adversarial,adversarial-no-cls,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
             "--readme", str(tmp_path / "README.md")]
     (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nSTALE-TABLE\n<!-- table:end -->\n\nafter\n")
     assert main(argv) == 0
@@ -31,7 +31,7 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
         assert (out / name).is_file(), name
     table = json.loads((out / "table.json").read_text())
     sections = (out / "table.md").read_text().split("\n## ")
-    expected = {"adversarial", "sgml", "sgml-real", "lsh", "naive-pixels", "naive-features"}
+    expected = {"adversarial", "adversarial-no-cls", "sgml", "sgml-real", "lsh", "naive-pixels", "naive-features"}
     for ds in ("kaggle", "fashion_mnist"):
         rows = table["datasets"][ds]["rows"]
         md = next(s for s in sections if s.startswith(table["datasets"][ds]["title"]))
@@ -52,11 +52,14 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
         paper = next(r for r in rows if r["label"] == "adversarial")
         assert paper["seeds"] == [0, 1] and math.isfinite(paper["std"]["map"])
         assert " ± " in md
+        # ... and so is the ablation, paired with it by seed, with a plain verdict
+        assert next(r for r in rows if r["label"] == "adversarial-no-cls")["seeds"] == [0, 1]
+        assert "The paper's method minus 'ablation: no classifier" in md and "paired seeds" in md
         # every learned row trained with the learning rate chosen on val, until early stopping
         chosen = json.loads((runs / ds / "lr" / "chosen_16.json").read_text())
-        assert set(chosen["chosen"]) == {"adversarial", "sgml"} and chosen["lrs"] == [1e-3, 3e-3]
+        assert set(chosen["chosen"]) == {"adversarial", "adversarial-no-cls", "sgml"} and chosen["lrs"] == [1e-3, 3e-3]
         for r in rows:
-            if r["label"] in ("adversarial", "sgml"):
+            if r["label"] in ("adversarial", "adversarial-no-cls", "sgml"):
                 assert r["mean"]["lr"] == chosen["chosen"][r["label"]]
                 assert 1 <= r["mean"]["best_epoch"] <= r["mean"]["epochs"] <= 2
         assert "| lr | epochs | best epoch |" in md
@@ -111,3 +114,26 @@ def test_a_diverged_lr_candidate_counts_as_trained_and_is_never_chosen(tmp_path)
     bad = run("bad", epoch(0, 0.7, 0), {"event": "diverged", "epoch": 1, "step": 3, "parts": {}})
     assert _trained(ok, cfg) and not _trained(going, cfg) and _trained(bad, cfg)
     assert best_val(ok, "map@1000") == 0.5 and best_val(bad, "map@1000") == -math.inf
+
+
+def test_paired_difference_against_the_textbook_t_test():
+    from fashionhash.table.report import paired_difference, paired_notes
+
+    a, b = [0.80, 0.82, 0.81, 0.83, 0.79], [0.78, 0.81, 0.78, 0.80, 0.78]
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    p = paired_difference(a, b)
+    assert p["mean"] == pytest.approx(mean) and p["sd"] == pytest.approx(sd)
+    assert p["t"] == pytest.approx(mean / (sd / math.sqrt(5)))
+    assert p["significant"]  # t = 4.81 > 2.78 (4 degrees of freedom)
+    # 0.020 is more than either row's own seed std (0.0158, 0.0141)
+    assert p["seed_spread"] == pytest.approx(0.015811, abs=1e-5) and p["beyond_spread"]
+    noisy = paired_difference([0.80, 0.70, 0.90], [0.81, 0.69, 0.92])
+    assert not noisy["significant"] and not noisy["beyond_spread"]
+
+    def row(label, vals):
+        return {"label": label, "name": label, "bits": 64, "seeds": list(range(len(vals))),
+                "per_seed": {"top1": vals, "map@1000": vals}}
+    notes = paired_notes([row("adversarial", a), row("adversarial-no-adv", b)], 64)
+    assert len(notes) == 1 and "+0.0200" in notes[0] and "larger than the seed spread" in notes[0] and "5 paired seeds" in notes[0]

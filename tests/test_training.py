@@ -38,6 +38,7 @@ def test_one_epoch_real_photos_through_cli(tiny_kaggle, tmp_path, capsys):
         assert (run / name).is_file(), name
     meta = json.loads((run / "meta.json").read_text())
     assert meta["git_commit"] and len(meta["classes"]) == 4
+    assert meta["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["map"] <= 1 and metrics["n_bits"] == 32
     # damaged copies of val items are scored every epoch, so item settings are chosen on val
@@ -148,3 +149,27 @@ def test_patience_zero_trains_every_epoch(synthetic_fmnist, tmp_path, monkeypatc
     assert main(["train", "--run-dir", str(run), "--quiet", *_fm(synthetic_fmnist, "train.epochs=4")]) == 0
     assert [r["event"] for r in _epochs(run)] == ["epoch"] * 4
     assert torch.load(run / "checkpoints/best.pt", weights_only=False)["epoch"] == 0
+
+
+def test_device_is_resolved_and_refused_clearly(monkeypatch):
+    from fashionhash.models.device import resolve_device
+
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("auto", processes=2).type == "cpu"  # one process per GPU: not yet
+    with pytest.raises(ValueError, match="several processes"):
+        resolve_device("cuda", processes=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_anything_is_written(synthetic_fmnist, tmp_path, capsys):
+    args = _fm(synthetic_fmnist, "train.epochs=1", "train.device=cuda")
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--quiet", *args]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

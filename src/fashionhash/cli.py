@@ -150,7 +150,7 @@ def _cmd_evaluate(args) -> int:
     from fashionhash.evaluation.evaluate import evaluate_run
 
     bars = _Bars(args.quiet)
-    metrics = evaluate_run(args.run_dir, phase=bars.phase)
+    metrics = evaluate_run(args.run_dir, phase=bars.phase, device=getattr(args, "device", "auto"))
     print(metrics_table(metrics))
     print(f"metrics: {Path(args.run_dir) / 'metrics.json'}  PR curve: {Path(args.run_dir) / 'pr_curve.png'}")
     return 0
@@ -265,6 +265,7 @@ def _cmd_table(args) -> int:
     runs = args.runs or Path("runs/table-quick" if args.quick else "runs/table")
     opts = TableOptions(
         datasets=args.datasets, methods=args.methods, bits=args.bits, seeds=args.seeds,
+        ablation_seeds=args.ablation_seeds,
         max_epochs=args.max_epochs, patience=args.patience, lrs=args.lrs, all_bits=args.all_bits,
         quick=args.quick, jobs=args.jobs, runs=runs,
         out=args.out or (runs / "results" if args.quick else Path("benchmarks/results")),
@@ -286,7 +287,7 @@ def _cmd_table(args) -> int:
 
 
 def _add_table_command(sub) -> None:
-    from fashionhash.table.plan import LRS, MAX_EPOCHS, N_SEEDS, PATIENCE
+    from fashionhash.table.plan import ABLATION_SEEDS, LRS, MAX_EPOCHS, N_SEEDS, PATIENCE
 
     t = sub.add_parser("table", help="train and evaluate every method of the results table (resumable)")
     t.add_argument("--quick", action="store_true", help="smoke variant: tiny subsets, 2 epochs, 16 bits, few methods")
@@ -303,6 +304,9 @@ def _add_table_command(sub) -> None:
                    help="every method at every bit length and seeds at every bit length")
     t.add_argument("--seeds", type=int, help=f"seeds of the paper's method and the two strongest peers "
                                              f"(default {N_SEEDS}; --quick: 2)")
+    t.add_argument("--ablation-seeds", type=int,
+                   help=f"seeds of the ablations and of the paper's method beside them, paired "
+                        f"(default {ABLATION_SEEDS}; --quick: 2)")
     t.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs trained side by side, one torch thread each, in child processes "
                         "(default: one per CPU; 1 = one after the other in this process)")
@@ -676,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run on its test queries")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the networks run (auto: a CUDA GPU when torch sees one)")
     e.set_defaults(func=_cmd_evaluate)
 
     f = sub.add_parser("fit-descriptor", help="(re)fit a trained run's two-stage descriptor, choices on val")

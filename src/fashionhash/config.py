@@ -71,6 +71,9 @@ class TrainConfig:
     # None: the cores shared by the local processes (fastest on quiet cores; beside another
     # busy process 1 thread is far faster: two spin-waited through 240 s epochs where one took 7 s)
     threads: int | None = None
+    # where the networks train: auto (a CUDA GPU when torch sees one and the run has one
+    # process, else the CPU) | cpu | cuda. Features are still cached on the CPU (ONNX)
+    device: str = "auto"
 
 
 @dataclass

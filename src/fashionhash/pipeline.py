@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from fashionhash.data.catalogue import GRADED_ATTRIBUTES, Catalogue, open_catalo
 from fashionhash.data.splits import Split, make_split
 from fashionhash.methods import METHODS, HashingMethod
 from fashionhash.models.backbones import BACKBONES, preprocessing_for
+from fashionhash.models.device import device_of, resolve_device
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fashionhash.descriptors import Whitening
@@ -281,7 +285,8 @@ class Run:
         """Features (frozen) or preprocessed images (finetune) ``(N, ...)`` -> relaxed ``(N, K)``."""
         self.method.eval()
         x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
-        out = [self.method.encode(x[i:i + batch].float()) for i in range(0, len(x), batch)]
+        device = device_of(self.method)
+        out = [self.method.encode(x[i:i + batch].float().to(device)).cpu() for i in range(0, len(x), batch)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_bits), np.float32)
 
     def encoder(self, engine: str | None = None) -> "FeatureExtractor":
@@ -352,8 +357,11 @@ class Run:
                                     progress=progress)
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
-    """Load a run directory written by :func:`fashionhash.training.train`."""
+def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> Run:
+    """Load a run directory written by :func:`fashionhash.training.train`, its networks on
+    ``device`` (``cpu`` | ``cuda`` | ``auto``, as ``train.device``). On a GPU the run's
+    encoder uses the torch engine: ONNX Runtime here runs on the CPU."""
+
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -366,6 +374,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     method = build_method(cfg, len(meta["classes"]), meta.get("attr_sizes"))
     method.load_state_dict(state["method"])
-    method.eval()
+    dev = resolve_device(device)
+    method.to(dev).eval()
+    if dev.type == "cuda" and cfg.model.engine != "torch":
+        log.info("%s on %s: photos are encoded with the torch engine", run_dir, dev)
+        cfg.model.engine = "torch"
     meta = dict(meta, checkpoint=checkpoint, checkpoint_epoch=int(state.get("epoch", -1)))
     return Run(run_dir, cfg, method, meta["classes"], meta)

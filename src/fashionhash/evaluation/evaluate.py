@@ -106,11 +106,12 @@ def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: n
 
 
 def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
-                 checkpoint: str = "best") -> dict:
-    """Evaluate ``run_dir`` on its test queries; returns and saves the metrics."""
+                 checkpoint: str = "best", device: str = "cpu") -> dict:
+    """Evaluate ``run_dir`` on its test queries (the networks on ``device``, see
+    :func:`~fashionhash.pipeline.load_run`); returns and saves the metrics."""
     t0 = time.time()
     run_dir = Path(run_dir)
-    run = load_run(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint, device)
     cfg = run.cfg
     cat, split = open_data(cfg, run_dir / "split.json")
     pos_q, pos_db = cat.positions(split.query), cat.positions(split.database)

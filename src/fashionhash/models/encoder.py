@@ -15,6 +15,7 @@ from torch import nn
 from fashionhash.config import ModelConfig
 from fashionhash.models.backbones import build_backbone
 from fashionhash.models.descriptor import DescriptorNet
+from fashionhash.models.device import device_of
 from fashionhash.models.features import Engine, FeatureExtractor
 
 
@@ -43,6 +44,8 @@ def build_encoder(method: nn.Module, m: ModelConfig, engine: Engine, **options) 
     Prefer ``run.encoder(engine)``, which builds it once."""
     # frozen runs were trained on features of the registry's pretrained backbone
     backbone = build_backbone(m.backbone) if m.mode == "frozen" else None
+    if backbone is not None:  # beside the trained head, on its device
+        backbone.to(device_of(method))
     net = EncoderNet(method, backbone).eval()
     options.setdefault("channels_last", engine == "torch")
     return FeatureExtractor(m.backbone, image_size=m.image_size, engine=engine, model=net, **options)
@@ -53,7 +56,7 @@ def build_descriptor_encoders(method: nn.Module, m: ModelConfig, engine: Engine,
     """Extractors for two-stage queries (frozen runs): at ``scales[0]`` (the model's size)
     photos -> ``[relaxed code | raw descriptor]``, at each other scale photos -> raw
     descriptor; see :meth:`fashionhash.pipeline.Run.encode_two_stage`."""
-    backbone = build_backbone(m.backbone)
+    backbone = build_backbone(m.backbone).to(device_of(method))
     nets = [DescriptorNet(backbone, head=method)] + [DescriptorNet(backbone) for _ in scales[1:]]
     return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval())
             for size, net in zip(scales, nets)]

@@ -15,11 +15,11 @@ import torch
 from fashionhash.config import git_commit
 from fashionhash.table.dataset import Data, open_dataset, read_json, write_json
 from fashionhash.table.plan import (
-    ALL_BITS, N_SEEDS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SHALLOW, VARIANTS, Plan, TableOptions, make_plans,
+    ABLATION_SEEDS, ABLATIONS, ALL_BITS, N_SEEDS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SHALLOW, VARIANTS, Plan, TableOptions, make_plans,
     select_labels,
 )
 from fashionhash.table.real import naive_row
-from fashionhash.table.report import collect, markdown, plot_pr, run_summary, update_readme
+from fashionhash.table.report import collect, markdown, paired_notes, plot_pr, run_summary, update_readme
 from fashionhash.table.runs import choose_lrs, strongest_peers, train_runs
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class _Timer:
 
 
 def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
-                n_seeds: int, timer: _Timer) -> tuple[Data, list[str]]:
+                n_seeds: int, timer: _Timer, n_ablation_seeds: int = 0) -> tuple[Data, list[str]]:
     """Train and evaluate what ``plan`` asks for on one dataset (resuming what is done);
     the dataset and the notes its table gets."""
     notes = []
@@ -75,6 +75,14 @@ def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[s
     for seed in range(1, n_seeds):
         for bits in sorted(seed_bits, reverse=True):
             specs += [(x, bits, seed) for x in seeded if bits == top or x in low]
+    # the ablations and the paper's method beside them, paired by seed, at the largest bits
+    ablated = [x for x in labels if x in ABLATIONS]
+    if ablated and n_ablation_seeds > 1:
+        paired = [PAPER, *ablated] if PAPER in labels else ablated
+        specs += [(x, top, seed) for seed in range(1, n_ablation_seeds) for x in paired
+                  if (x, top, seed) not in specs]
+        notes.append(f"Ablations: {n_ablation_seeds} seeds each at {top} bits (train.seed=0.."
+                     f"{n_ablation_seeds - 1}), beside the paper's method at the same seeds.")
     timer("fewer bits and more seeds", train_runs, d, specs, lrs, top, opts.jobs)
     # 4) the naive baselines (one row each, no hashing)
     for row, space in ((NAIVE_PIXELS, "pixels"), (NAIVE_FEATURES, "features")):
@@ -97,14 +105,15 @@ def _protocol(d: Data, runs: Path) -> str:
 
 
 def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
-                   n_seeds: int) -> dict:
+                   n_seeds: int, n_ablation_seeds: int) -> dict:
     """Run one dataset and gather its part of ``table.json``."""
     timer = _Timer()
     t0 = time.time()
     done_before = len(list((opts.runs / plan.key).glob("*/metrics.json")))
-    d, notes = run_dataset(opts, plan, labels, extra, bits_list, n_seeds, timer)
+    d, notes = run_dataset(opts, plan, labels, extra, bits_list, n_seeds, timer, n_ablation_seeds)
     timer.pieces["total"] = time.time() - t0
-    rows = collect(d, labels, bits_list, extra, n_seeds)
+    rows = collect(d, labels, bits_list, extra, max(n_seeds, n_ablation_seeds))
+    notes += paired_notes(rows, max(bits_list))
     png = opts.out / f"pr_{plan.key}.png"
     has_png = plot_pr(rows, png, plan.title.split(" (")[0])
     if not d.keys:
@@ -161,6 +170,7 @@ def build_table(opts: TableOptions) -> Path:
     labels, extra = select_labels(opts.methods, opts.quick)
     bits_list = list(opts.bits or ((16,) if opts.quick else ALL_BITS))
     n_seeds = opts.seeds or (2 if opts.quick else N_SEEDS)
+    n_ablation_seeds = opts.ablation_seeds or (2 if opts.quick else ABLATION_SEEDS)
     load = os.getloadavg()[0]
     cat_log = logging.getLogger("fashionhash.data.catalogue")  # run_dataset quietens it
     level = cat_log.level
@@ -170,7 +180,7 @@ def build_table(opts: TableOptions) -> Path:
             cat_log.setLevel(level)
             log.info("== %s: %d methods x %s bits, at most %d epochs, patience %d", plans[ds].title,
                      len(labels), bits_list, plans[ds].max_epochs, plans[ds].patience)
-            tables[ds] = _dataset_table(opts, plans[ds], labels, extra, bits_list, n_seeds)
+            tables[ds] = _dataset_table(opts, plans[ds], labels, extra, bits_list, n_seeds, n_ablation_seeds)
     finally:
         cat_log.setLevel(level)
     sha = git_commit() or "unknown"

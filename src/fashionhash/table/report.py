@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionhash.table.dataset import Data, read_json
-from fashionhash.table.plan import EXTRA_ROWS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SGML_REAL, VARIANTS
+from fashionhash.table.plan import ABLATIONS, EXTRA_ROWS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SGML_REAL, VARIANTS
 from fashionhash.table.runs import epoch_log, run_dir_of
 
 COLUMNS = [  # (header, key, format)
@@ -73,6 +73,57 @@ def collect(d: Data, labels: list[str], bits_list: list[int], extra_rows: list[s
                 m["encode_ms"] = backbone_ms
             rows.append(_row(label, EXTRA_ROWS[label], None, [(0, m)]))
     return rows
+
+
+#: two-sided 5% critical values of Student's t for 1..9 degrees of freedom (then ~2)
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26)
+PAIRED_KEYS = (("top1", "top-1"), ("map@1000", "mAP@1000"))
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """The paired-by-seed difference ``a - b`` (same seed = same split, initialisation
+    and batch order): its mean, the std of the per-seed differences, the larger of the two
+    rows' own seed std, and whether a paired t-test rejects "no difference" at 5%."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = a - b
+    n = len(d)
+    sd = float(np.std(d, ddof=1)) if n > 1 else 0.0
+    t = float(d.mean() / (sd / np.sqrt(n))) if n > 1 and sd > 0 else 0.0
+    crit = _T95[n - 2] if 2 <= n <= len(_T95) + 1 else 2.0
+    spread = max(float(np.std(a, ddof=1)), float(np.std(b, ddof=1))) if n > 1 else 0.0
+    return {"n": n, "mean": float(d.mean()), "sd": sd, "t": t, "significant": n > 1 and abs(t) > crit,
+            "seed_spread": spread, "beyond_spread": n > 1 and abs(float(d.mean())) > spread}
+
+
+def _paired_seeds(paper: dict, row: dict, key: str) -> tuple[list[float], list[float]]:
+    pa = dict(zip(paper["seeds"], paper["per_seed"].get(key, [])))
+    ab = dict(zip(row["seeds"], row["per_seed"].get(key, [])))
+    common = [s for s in paper["seeds"] if s in ab and pa.get(s) is not None and ab[s] is not None]
+    return [pa[s] for s in common], [ab[s] for s in common]
+
+
+def paired_notes(rows: list[dict], bits: int) -> list[str]:
+    """One plain sentence per ablation at ``bits``: does the paper's full method beat it by
+    more than the seed spread (paired by seed)?"""
+    paper = next((r for r in rows if r["label"] == PAPER and r["bits"] == bits), None)
+    out = []
+    for row in (r for r in rows if r["label"] in ABLATIONS and r["bits"] == bits and paper):
+        parts = []
+        for key, name in PAIRED_KEYS:
+            a, b = _paired_seeds(paper, row, key)
+            if len(a) < 2:
+                continue
+            p = paired_difference(a, b)
+            verdict = ("larger than the seed spread and significant (paired t-test, 5%)"
+                       if p["significant"] and p["beyond_spread"] else
+                       "significant (paired t-test, 5%) but within the seed spread" if p["significant"] else
+                       "not significant: within the seed spread" if not p["beyond_spread"] else
+                       "beyond the seed spread but not significant (paired t-test, 5%)")
+            parts.append(f"{name} {p['mean']:+.4f} ± {p['sd']:.4f} over {p['n']} paired seeds "
+                         f"(seed spread {p['seed_spread']:.4f}, t = {p['t']:.2f}): {verdict}")
+        if parts:
+            out.append(f"The paper's method minus '{row['name']}' at {bits} bits: " + "; ".join(parts) + ".")
+    return out
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

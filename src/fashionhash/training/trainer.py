@@ -42,6 +42,7 @@ from fashionhash.pipeline import (
     open_data,
 )
 from fashionhash.models.backbones import preprocessing_for
+from fashionhash.models.device import device_of, resolve_device
 
 log = logging.getLogger(__name__)
 VAL_DB_IMAGES = 10_000  # finetune mode: validation database sample size
@@ -179,6 +180,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:
+    device = resolve_device(cfg.train.device, info.world)  # refused before anything is written
     ckpt_dir = _check_run(cfg, run_dir, resume, info)
     # the processes of one machine share its cores
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world)
@@ -186,11 +188,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     jlog = _JsonLog(run_dir / "log.jsonl")
     data = _load_data(cfg, run_dir, cb, info)
     if info.is_main:
-        _write_meta(run_dir / "meta.json", data, threads, info)
+        _write_meta(run_dir / "meta.json", data, threads, info, device)
 
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    method = build_method(cfg, len(data.classes), data.attr_sizes)
+    method = build_method(cfg, len(data.classes), data.attr_sizes).to(device)
     optims, params = _optimisers(method, tcfg)
     start_epoch, best, history = _restore(ckpt_dir / "last.pt", method, optims, run_dir, jlog, resume, info)
     # shallow methods (LSH, ITQ...) are fitted once in closed form on the training features
@@ -198,14 +200,16 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     if fit is not None and start_epoch == 0:
         if data.train_x is None:
             raise ValueError(f"{cfg.method.name} is fitted on cached features: use model.mode=frozen")
+        method.cpu()  # a closed-form fit, cheap: on the CPU whatever the device
         fit(torch.from_numpy(data.train_x), torch.from_numpy(data.train_y))
+        method.to(device)
     trainable = any(p.requires_grad for p in method.parameters())
     # as DistributedDataParallel does: start every rank from rank 0's weights (a rank whose
     # initialisation differed, e.g. another torch build, would encode its share differently);
     # identical averaged updates keep them equal from then on
     distributed.broadcast_tensors_([t for t in method.state_dict().values() if t.is_floating_point()],
                                    info)
-    step_fn = _Step(method, optims, params, cfg, info, jlog, ckpt_dir / "last.pt")
+    step_fn = _Step(method, optims, params, cfg, info, jlog, ckpt_dir / "last.pt", device)
 
     for epoch in range(start_epoch, tcfg.epochs if trainable else 1):
         if best is not None and _patience_spent(best, epoch - 1, tcfg.patience):
@@ -284,10 +288,13 @@ class _ValSet:
     gains: np.ndarray | None = None
 
     def scores(self, method) -> dict:
+        device = device_of(method)
+
         def encode(x: np.ndarray) -> np.ndarray:  # (N, ...) -> (N, K) real codes
             method.eval()
             with torch.no_grad():
-                out = [method.encode(torch.from_numpy(x[i:i + 2048])) for i in range(0, len(x), 2048)]
+                out = [method.encode(torch.from_numpy(x[i:i + 2048]).to(device)).cpu()
+                       for i in range(0, len(x), 2048)]
             return torch.cat(out).numpy()
 
         return _val_metrics(encode(self.x), encode(self.db_x), self.y, self.db_y,
@@ -404,14 +411,15 @@ def _finetune_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, i
                       train_y=y_tr, n_steps=max(1, len(ds) // tcfg.batch_size), stream=stream, val=val)
 
 
-def _write_meta(path: Path, data: _TrainData, threads: int, info: DistInfo) -> None:
+def _write_meta(path: Path, data: _TrainData, threads: int, info: DistInfo, device: torch.device) -> None:
     if path.is_file():  # a resumed run keeps the record of how it started
         return
     meta = {
         "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "classes": data.classes, "n_train": int(len(data.train_y)), "command": sys.argv,
         "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": np.__version__, "threads": threads, "world_size": info.world,
+        "numpy": np.__version__, "threads": threads, "world_size": info.world, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "attr_keys": list(data.attr_keys), "attr_sizes": data.attr_sizes,
         "photo_size": data.photo_size,  # what uploaded photos are shrunk to (data.query_shrink)
     }
@@ -466,9 +474,13 @@ class _Step:
     info: DistInfo
     jlog: _JsonLog
     last_path: Path
+    device: torch.device = torch.device("cpu")
 
     def __call__(self, batch: dict, epoch: int, step: int) -> dict[str, float]:
         info, tcfg = self.info, self.cfg.train
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
         with (distributed.sharded_encoder(self.method, info, tcfg.batch_size // info.world,
                                           local_inputs=self.cfg.model.mode != "frozen",
                                           seed=_shard_seed(tcfg.seed, epoch, step, info.rank))
