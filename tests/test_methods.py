@@ -428,3 +428,26 @@ def test_frozen_mode_on_real_photos(name, tiny_kaggle, tmp_path, _repo_cwd):
     assert rc == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["map"] <= 1 and metrics["method"] == name
+
+
+def test_adversarial_on_csq_centres():
+    """``w_centre``: CSQ's centre term on the paper's semantic bits, the pairwise term off;
+    the codes move to their class's centre, and the paper's form keeps no centres buffer."""
+    assert "centres" not in _build("adversarial").state_dict()
+    m = _build("adversarial", w_centre=1.0, w_pair=0.0).train()
+    batch = _batch(seed=4)
+    parts, _, _ = m.loss_parts(batch)
+    assert {"cls", "centre", "adv"} <= set(parts)
+    centre = m.centres[batch["y"]]  # (B, K) the class's Hadamard row
+    expected = CentralSimilarityLoss()(torch.tanh(m.head(m.features(batch["x"]))), centre)
+    no_views = {k: v for k, v in batch.items() if k != "x_view"}
+    assert m.loss_parts(no_views)[0]["centre"].item() == pytest.approx(expected.item(), rel=1e-5)
+    params = [p for g in m.param_groups()["encoder"] for p in g["params"]]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    before = float((torch.sign(m.encode(batch["x"])) == centre).float().mean())
+    for _ in range(30):
+        opt.zero_grad()
+        m.objectives(batch)[0]["encoder"].backward()
+        opt.step()
+    after = float((torch.sign(m.eval().encode(batch["x"])) == centre).float().mean())
+    assert after > max(before + 0.2, 0.7), (before, after)

@@ -32,7 +32,9 @@ from fashionhash.losses import (
     ClassificationLoss, ConfusionLoss, DiscriminatorLoss, ItemContrastLoss, PairwiseHammingLoss,
     QuantizationLoss, WeightedSum,
 )
+from fashionhash.losses.metric import CentralSimilarityLoss
 from fashionhash.methods.base import METHODS, HashingMethod, pair_similarity
+from fashionhash.methods.csq import hash_centres
 from fashionhash.models.heads import Discriminator
 
 
@@ -45,7 +47,12 @@ class AdversarialHashing(HashingMethod):
     the whole code it fights the class terms, which want every item of a type on one code;
     ``item_bits=m`` gives it the last ``m`` bits alone (the three paper terms see only the
     first ``K - m``), so the type decides the distance and the item bits order the items
-    within it. Not in the paper: an extension for finding the very product."""
+    within it. Not in the paper: an extension for finding the very product.
+
+    ``w_centre`` adds CSQ's central-similarity term (Yuan et al. 2020) on the semantic bits:
+    each code pulled towards its class's hash centre (Hadamard rows, ``centre_seed`` when
+    drawn at random). With ``w_pair=0`` it replaces the pairwise term, so that the paper's
+    classifier and adversary sit on the strongest peer's loss. Not in the paper."""
 
     def __init__(self, feat_dim: int, n_bits: int, n_classes: int, *, hidden: int = 1024,
                  dropout: float = 0.1, backbone: nn.Module | None = None,
@@ -53,7 +60,7 @@ class AdversarialHashing(HashingMethod):
                  w_quant: float = 0.05, m_pos: float = 0.2, m_neg: float = 0.45, m_sep: float = 0.0,
                  class_sim: float = 0.5, graded: bool = False, disc_width: int = 256,
                  w_item: float = 0.0, item_tau: float = 0.1, item_bits: int = 0,
-                 adv_pairs: str = "both") -> None:
+                 adv_pairs: str = "both", w_centre: float = 0.0, centre_seed: int = 0) -> None:
         super().__init__(feat_dim, n_bits, n_classes, hidden=hidden, dropout=dropout,
                          backbone=backbone)
         if adv_pairs not in ("item", "class", "both"):
@@ -73,8 +80,11 @@ class AdversarialHashing(HashingMethod):
         self.disc_loss = DiscriminatorLoss()
         self.conf_loss = ConfusionLoss()
         self.item_loss = ItemContrastLoss(tau=item_tau)
+        if w_centre:  # a buffer only when used: checkpoints of the paper's form stay as they were
+            self.register_buffer("centres", hash_centres(n_classes, self.sem_bits, centre_seed))
+            self.centre_loss = CentralSimilarityLoss()
         self.weights = WeightedSum({"cls": w_cls, "pair": w_pair, "adv": w_adv, "quant": w_quant,
-                                    "item": w_item})
+                                    "item": w_item, "centre": w_centre})
         self.class_sim, self.graded, self.adv_pairs = class_sim, graded, adv_pairs
 
     def head_modules(self):
@@ -130,6 +140,8 @@ class AdversarialHashing(HashingMethod):
             "pair": self.pair_loss(sem, sim),
             "quant": self.quant_loss(codes),
         }
+        if self.weights.active("centre"):
+            parts["centre"] = self.centre_loss(sem, self.centres[yy])
         if has_views and self.weights.active("item"):
             parts["item"] = self.item_loss(codes[:, self.item_bits], items)
         disc, logs = None, {}

@@ -17,6 +17,10 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "adversarial-item": ("adversarial", ["method.params.w_item=0.1", "method.params.item_bits={quarter}",
                                          "data.n_views=1"],
                          "variant: + item-level view matching on a quarter of the bits (w_item=0.1, item_bits=K/4)"),
+    # the best form of the paper's method we could make: its classifier and adversary on the
+    # strongest peer's loss (CSQ's hash centres) instead of its own pairwise term
+    "adversarial-csq": ("adversarial", ["method.params.w_centre=1", "method.params.w_pair=0"],
+                        "variant: the paper's classifier + adversary on CSQ's hash centres (w_centre=1, w_pair=0)"),
     "dch": ("dch", [], "DCH"),
     "hashnet": ("hashnet", [], "HashNet"),
     "dpsh": ("dpsh", [], "DPSH"),
