@@ -58,6 +58,9 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
         # every learned row trained with the learning rate chosen on val, until early stopping
         chosen = json.loads((runs / ds / "lr" / "chosen_16.json").read_text())
         assert set(chosen["chosen"]) == {"adversarial", "adversarial-no-cls", "sgml"} and chosen["lrs"] == [1e-3, 3e-3]
+        # an ablation changes its loss only: the paper's rate, no candidates of its own
+        assert chosen["chosen"]["adversarial-no-cls"] == chosen["chosen"]["adversarial"]
+        assert not list((runs / ds / "lr").glob("adversarial-no-cls_*"))
         for r in rows:
             if r["label"] in ("adversarial", "adversarial-no-cls", "sgml"):
                 assert r["mean"]["lr"] == chosen["chosen"][r["label"]]

@@ -151,8 +151,13 @@ def best_val(run_dir: Path, metric: str) -> float:
 def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, float]:
     """label -> learning rate: every learned row trains with each of ``plan.lrs`` at seed 0
     and ``bits`` bits; the best val ``train.select_metric`` wins (ties: the first listed).
-    The same budget for every method; the test queries are never looked at."""
-    learned = [x for x in labels if VARIANTS[x][0] not in SHALLOW]
+    The same budget for every method; the test queries are never looked at. An ablation
+    changes one thing, its loss: it trains at the paper's method's rate (chosen here even
+    when the paper's row is not asked for), not at a rate of its own."""
+    ablated = [x for x in labels if x in ABLATIONS]
+    learned = [x for x in labels if VARIANTS[x][0] not in SHALLOW and x not in ABLATIONS]
+    if ablated and PAPER not in learned:
+        learned.append(PAPER)
     todo = []
     for label in learned:
         for lr in d.plan.lrs:
@@ -181,6 +186,7 @@ def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, fl
         chosen[label] = max(d.plan.lrs, key=lambda lr: scores[lr])  # max keeps the first of ties
         log.info("%s %s: lr %g chosen on val (%s)", d.plan.key, label, chosen[label],
                  ", ".join(f"{lr:g}: {s:.4f}" for lr, s in scores.items()))
+    chosen.update({x: chosen[PAPER] for x in ablated})
     write_json(d.runs / "lr" / f"chosen_{bits}.json",
                {"metric": d.cfg.train.select_metric, "lrs": list(d.plan.lrs), "chosen": chosen})
     return chosen
