@@ -67,6 +67,8 @@ class BackboneFront(nn.Module):
         self.net, self.start = net, start
         c, h, w = activation_shape(net.config.name, image_size, start)
         self.feat_dim = c * h * w
+        # the same weights for every start: the cached ONNX graph's name must tell them apart
+        self.export_key = f"front[:{start}]"
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_blocks(x, self.start).flatten(1)
