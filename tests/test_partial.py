@@ -124,6 +124,22 @@ def test_encoder_and_evaluation_use_the_trained_tail(partial_run):
     assert metrics["mode"] == "partial" and 0 <= metrics["map"] <= 1
 
 
+def test_exported_graph_is_the_composed_network(partial_run, tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "encoder.onnx"
+    assert main(["export", str(partial_run), "--onnx", "--out", str(out)]) == 0
+    run = load_run(partial_run)
+    cat, _ = open_data(run.cfg, partial_run / "split.json")
+    photos = [str(cat.paths[i]) for i in range(4)]
+    x = np.stack([image_array(p, build_backbone("efficientnet_lite0").preprocessing, 64) for p in photos])
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, _reference_codes(run, photos), atol=1e-4)
+    capsys.readouterr()
+    assert main(["encode", str(partial_run), photos[0]]) == 0  # the CLI prints the photo's code
+    assert len(capsys.readouterr().out.split()[0]) == 4  # 16 bits = 2 bytes = 4 hex digits
+
+
 def test_activation_cache_keys(tiny_kaggle):
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_kaggle}", "model.image_size=64",
                                             "model.mode=partial"])
