@@ -10,7 +10,7 @@ import pytest
 from fashionhash.config import load_config
 from fashionhash.methods import METHODS
 from fashionhash.models.backbones import BACKBONES
-from fashionhash.pipeline import check_descriptor_config
+from fashionhash.pipeline import check_descriptor_config, check_model_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -19,6 +19,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.method.name in METHODS and cfg.model.backbone in BACKBONES
+    check_model_config(cfg)
     check_descriptor_config(cfg)
 
 

@@ -144,9 +144,9 @@ def _synthetic_features(cat, positions, mcfg, *, augment_seed=None, strength=1.0
 
 
 def _train_frozen(root: str, run_dir: str, epochs_then_resume: tuple[int, ...]) -> None:
-    import fashionhash.training.trainer as trainer
+    import fashionhash.pipeline as pipeline
 
-    trainer.item_features = _synthetic_features
+    pipeline.item_features = _synthetic_features  # what the trainer's item_inputs reads in frozen mode
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml", [f"data.root={root}", *FROZEN_ARGS,
                                                                 f"train.epochs={epochs_then_resume[0]}"])
     # one process group for all the calls, as the caller's own (a real resume is a new
@@ -160,7 +160,7 @@ def _train_frozen(root: str, run_dir: str, epochs_then_resume: tuple[int, ...]) 
 
 def test_two_ranks_resumed_match_one_process(synthetic_fmnist, tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
-    monkeypatch.setattr("fashionhash.training.trainer.item_features", _synthetic_features)
+    monkeypatch.setattr("fashionhash.pipeline.item_features", _synthetic_features)
     _train_frozen(str(synthetic_fmnist), str(one), (2,))
     _spawn(_train_frozen, str(synthetic_fmnist), str(two), (1, 2))  # killed after epoch 1, resumed
 

@@ -39,7 +39,13 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "efficientnet_lite0"
     image_size: int = 128
-    mode: str = "frozen"  # frozen (cached features) | finetune (end to end)
+    # frozen (cached features, the head trains) | partial (cached activations at the input of
+    # block train_from, the blocks from there, the head conv and the head train; CPU-friendly)
+    # | finetune (end to end on photos; for a machine with an accelerator)
+    mode: str = "frozen"
+    # partial mode: the first trained block of the EfficientNet-Lite backbone (negative counts
+    # from the end; -1 = its last block, on 192x7x7 activations at 224 px for Lite0)
+    train_from: int = -1
     n_bits: int = 64
     hidden: int = 1024
     dropout: float = 0.1
@@ -61,11 +67,11 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     lr_disc: float = 1e-3
-    lr_backbone: float = 1e-4  # finetune mode only
+    lr_backbone: float = 1e-4  # the trained backbone: finetune mode, the tail in partial mode
     weight_decay: float = 1e-5
     seed: int = 0
     # best checkpoint by this val score (never the test queries): map@1000 | top1, and in frozen
-    # mode with data.n_damaged > 0 also same_product_top1 | same_product_top10 | graded_ndcg@10
+    # or partial mode with data.n_damaged > 0 also same_product_top1 | same_product_top10 | graded_ndcg@10
     select_metric: str = "map@1000"
     num_workers: int = 2
     # None: the cores shared by the local processes (fastest on quiet cores; beside another

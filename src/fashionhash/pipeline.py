@@ -155,6 +155,39 @@ def item_features(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
                                               num_workers=num_workers))
 
 
+def item_activations(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
+                     augment_seed: int | None = None, strength: float = 1.0,
+                     progress: Progress | None = None, num_workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Partial mode: cached activations of catalogue items at the input of block
+    ``model.train_from``, ``(n, C*h*w)`` float16 and ``(n,)`` ok mask (augmented copies with
+    ``augment_seed``, drawn as :func:`item_features` draws them)."""
+    from fashionhash.models.partial import extract_activations, tail_start
+
+    positions = np.asarray(positions, dtype=np.int64)
+    start = tail_start(mcfg.backbone, mcfg.train_from)
+    # the block, not train_from: -1 and 15 of Lite0 share one entry
+    key = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength,
+                       f"blocks[:{start}] float16")
+    return cached_array(key, lambda: extract_activations(
+        _sources(cat, positions), mcfg.backbone, mcfg.image_size, start, engine=mcfg.engine,
+        augment_seed=augment_seed, strength=strength, progress=progress, num_workers=num_workers),
+        dtype=np.float16)
+
+
+def item_inputs(cat: Catalogue, positions: np.ndarray, cfg: Config, *, augment_seed: int | None = None,
+                strength: float = 1.0, progress: Progress | None = None, num_workers: int = 2,
+                descriptors: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """What a frozen or partial run's method encodes, cached: pooled features ``(n, F)``
+    (frozen; with ``descriptors``, the raw descriptors are cached in the same pass, see
+    :func:`item_features`) or activations ``(n, C*h*w)`` float16 (partial), and the
+    ``(n,)`` ok mask."""
+    if cfg.model.mode == "partial":
+        return item_activations(cat, positions, cfg.model, augment_seed=augment_seed, strength=strength,
+                                progress=progress, num_workers=num_workers)
+    return item_features(cat, positions, cfg.model, augment_seed=augment_seed, strength=strength,
+                         progress=progress, num_workers=num_workers, descriptors=descriptors)
+
+
 def descriptor_scales(cfg: Config) -> list[int]:
     """Input sizes the descriptor averages over (the model's own size first)."""
     sizes = [int(s) for s in cfg.descriptor.scales] or [cfg.model.image_size]
@@ -169,8 +202,10 @@ def check_descriptor_config(cfg: Config) -> None:
     if d.kind != "gem":
         raise ValueError(f"descriptor.kind is none or gem, not {d.kind!r}")
     if cfg.model.mode != "frozen" or not cfg.model.backbone.startswith("efficientnet"):
-        raise ValueError("descriptors need model.mode=frozen with an EfficientNet-Lite backbone: "
-                         "set descriptor.kind=none for the single-stage codes")
+        # partial mode would need the descriptor of the trained tail (not built yet)
+        raise ValueError(f"descriptors need model.mode=frozen with an EfficientNet-Lite backbone, not "
+                         f"model.mode={cfg.model.mode} with {cfg.model.backbone}: set descriptor.kind=none "
+                         "for the single-stage codes")
     if d.dim <= 0 or d.shortlist < 0 or any(int(s) < 32 for s in d.scales):
         raise ValueError("descriptor.dim must be > 0, descriptor.shortlist >= 0 and every scale >= 32 px")
     if d.sign_bits != -1 and (d.sign_bits < 0 or d.sign_bits % 8 or d.sign_bits > d.dim):
@@ -246,13 +281,45 @@ def feature_dim(backbone: str) -> int:
     return int(BACKBONES.build(backbone, pretrained=False).feat_dim)
 
 
-def build_method(cfg: Config, n_classes: int, attr_sizes: Sequence[int] | None = None) -> HashingMethod:
-    """The configured method, with a backbone inside only in finetune mode."""
+MODES = ("frozen", "partial", "finetune")
+
+
+def check_model_config(cfg: Config) -> None:
+    """Refuse a model mode this run cannot train, before anything is written: an unknown
+    mode; in partial mode a backbone that is not EfficientNet-Lite, a block out of range, or
+    a method fitted in closed form (it has no gradient to give the tail)."""
     m = cfg.model
-    if m.mode not in ("frozen", "finetune"):
-        raise ValueError(f"model.mode is frozen or finetune, not {m.mode!r}")
+    if m.mode not in MODES:
+        raise ValueError(f"model.mode is one of {', '.join(MODES)}, not {m.mode!r}")
+    if m.mode != "partial":
+        return
+    from fashionhash.models.partial import tail_start
+
+    tail_start(m.backbone, m.train_from)
+    if hasattr(METHODS.get(cfg.method.name), "fit"):
+        raise ValueError(f"{cfg.method.name} is fitted in closed form on cached features, with "
+                         "nothing to train in a backbone tail: use model.mode=frozen")
+
+
+def _backbone(m: ModelConfig) -> torch.nn.Module | None:
+    """The method's own backbone: the whole network (finetune), its tail from block
+    ``train_from`` with ImageNet weights (partial), none on cached features (frozen)."""
+    if m.mode == "finetune":
+        return BACKBONES.build(m.backbone)
+    if m.mode == "partial":
+        from fashionhash.models.partial import BackboneTail, tail_start
+
+        return BackboneTail(BACKBONES.build(m.backbone), tail_start(m.backbone, m.train_from), m.image_size)
+    return None
+
+
+def build_method(cfg: Config, n_classes: int, attr_sizes: Sequence[int] | None = None) -> HashingMethod:
+    """The configured method, with a backbone inside in finetune mode (the whole network)
+    and partial mode (the tail)."""
+    check_model_config(cfg)
+    m = cfg.model
+    backbone = _backbone(m)
     # frozen mode trains on cached features: the backbone is only built to read its width
-    backbone = BACKBONES.build(m.backbone) if m.mode == "finetune" else None
     feat_dim = backbone.feat_dim if backbone is not None else feature_dim(m.backbone)
     factory = METHODS.get(cfg.method.name)
     params = dict(cfg.method.params)
@@ -282,9 +349,12 @@ class Run:
 
     @torch.no_grad()
     def codes_from_inputs(self, x: np.ndarray | torch.Tensor, batch: int = 4096) -> np.ndarray:
-        """Features (frozen) or preprocessed images (finetune) ``(N, ...)`` -> relaxed ``(N, K)``."""
+        """Features (frozen), activations (partial) or preprocessed images (finetune)
+        ``(N, ...)`` -> relaxed ``(N, K)``."""
         self.method.eval()
         x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+        if x.shape[1:].numel() > 4096:  # activations or images: their maps, not the rows, weigh
+            batch = min(batch, 256)
         device = device_of(self.method)
         out = [self.method.encode(x[i:i + batch].float().to(device)).cpu() for i in range(0, len(x), batch)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_bits), np.float32)

@@ -38,8 +38,9 @@ def cache_has(parts: dict, root: Path | None = None) -> bool:
 
 
 def cached_array(parts: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-                 root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(features (N, F) float32, ok (N,) bool)`` for ``parts``, computing them once."""
+                 root: Path | None = None, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(features (N, F) dtype, ok (N,) bool)`` for ``parts``, computing them once
+    (``dtype``: float32, or float16 for the large activation maps of partial mode)."""
     root = Path(root) if root is not None else cache_dir() / "features"
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(parts)
@@ -52,7 +53,8 @@ def cached_array(parts: dict, compute: Callable[[], tuple[np.ndarray, np.ndarray
             log.warning("feature cache entry %s unreadable (%s); recomputing", path, e)
     feats, ok = compute()
     tmp = root / f"{key}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, features=np.asarray(feats, dtype=np.float32), ok=np.asarray(ok, dtype=bool))
+    feats = np.asarray(feats, dtype=dtype)
+    np.savez(tmp, features=feats, ok=np.asarray(ok, dtype=bool))
     os.replace(tmp, path)
     (root / f"{key}.json").write_text(json.dumps(parts, sort_keys=True, default=str, indent=1))
     return feats, ok

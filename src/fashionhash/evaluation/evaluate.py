@@ -20,7 +20,7 @@ from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_
                                             rerank_key, same_item_topk)
 from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, shortlist_codes,
                                               two_stage_hits, two_stage_topk)
-from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_features, load_run, open_data
+from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_inputs, load_run, open_data
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,15 @@ PhaseFactory = Callable[[str, int], Callable[[int], None] | None]
 
 
 def _encode_items(run, cat, positions, *, augment_seed=None, strength=1.0, phase=None, label=""):
-    """Relaxed codes ``(n, K)`` and ok mask of catalogue items (cached features when frozen;
-    with a descriptor configured, its raw descriptors are cached in the same pass)."""
+    """Relaxed codes ``(n, K)`` and ok mask of catalogue items (cached features when frozen,
+    cached activations through the trained tail when partial; with a descriptor configured,
+    its raw descriptors are cached in the same pass)."""
     progress = phase(label, len(positions)) if phase else None
     m = run.cfg.model
-    if m.mode == "frozen":
-        feats, ok = item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
-                                  progress=progress, num_workers=run.cfg.train.num_workers,
-                                  descriptors=run.cfg.descriptor.kind != "none")
+    if m.mode in ("frozen", "partial"):
+        feats, ok = item_inputs(cat, positions, run.cfg, augment_seed=augment_seed, strength=strength,
+                                progress=progress, num_workers=run.cfg.train.num_workers,
+                                descriptors=run.cfg.descriptor.kind != "none")
         return run.codes_from_inputs(feats), ok
     sources = cat.sources()
     real, ok = [], []

@@ -1,5 +1,6 @@
 """A trained run's whole encoder, photos -> relaxed codes ``(N, K)``: the backbone (the
-frozen run's ImageNet one, or the finetuned run's own) then the method's hash head, run as a
+frozen run's ImageNet one, the finetuned run's own, or for a partial run the ImageNet front
+up to block ``train_from`` then the run's trained tail) then the method's hash head, run as a
 :class:`~fashionhash.models.features.FeatureExtractor` on ONNX Runtime or PyTorch.
 
 Built from the method and the model config alone (no run folder), so that the pipeline's
@@ -21,8 +22,9 @@ from fashionhash.models.features import Engine, FeatureExtractor
 
 class EncoderNet(nn.Module):
     """Normalised photos ``(B, C, S, S)`` -> relaxed codes ``(B, K)``: ``backbone.embed``
-    (the frozen run's ImageNet backbone; None for finetune runs, whose method holds its
-    own) then ``method.encode``. Exposes ``embed``/``feat_dim`` so that a
+    (the frozen run's ImageNet backbone, the partial run's frozen front; None for finetune
+    runs, whose method holds its own) then ``method.encode`` (a partial run's method holds the
+    trained tail). Exposes ``embed``/``feat_dim`` so that a
     :class:`~fashionhash.models.features.FeatureExtractor` runs and exports it."""
 
     def __init__(self, method: nn.Module, backbone: nn.Module | None) -> None:
@@ -42,13 +44,24 @@ def build_encoder(method: nn.Module, m: ModelConfig, engine: Engine, **options) 
     both engines. ``options`` go to ``FeatureExtractor`` (``threads``, ``parallel_batches``,
     ``channels_last``: on by default for the torch engine, the faster layout on CPU).
     Prefer ``run.encoder(engine)``, which builds it once."""
-    # frozen runs were trained on features of the registry's pretrained backbone
-    backbone = build_backbone(m.backbone) if m.mode == "frozen" else None
-    if backbone is not None:  # beside the trained head, on its device
-        backbone.to(device_of(method))
-    net = EncoderNet(method, backbone).eval()
+    front = _front(m)
+    if front is not None:  # beside the trained head, on its device
+        front.to(device_of(method))
+    net = EncoderNet(method, front).eval()
     options.setdefault("channels_last", engine == "torch")
     return FeatureExtractor(m.backbone, image_size=m.image_size, engine=engine, model=net, **options)
+
+
+def _front(m: ModelConfig) -> nn.Module | None:
+    """What runs before the method: the pretrained backbone whose features a frozen run was
+    trained on, the pretrained front whose activations a partial run's tail was trained on."""
+    if m.mode == "frozen":
+        return build_backbone(m.backbone)
+    if m.mode == "partial":
+        from fashionhash.models.partial import BackboneFront, tail_start
+
+        return BackboneFront(build_backbone(m.backbone), tail_start(m.backbone, m.train_from), m.image_size)
+    return None
 
 
 def build_descriptor_encoders(method: nn.Module, m: ModelConfig, engine: Engine,

@@ -149,11 +149,16 @@ def model_digest(model: "nn.Module") -> str:
 
     Any edit to this module or to the code of any fashionhash module inside the model
     (backbone, hash head, a method's ``encode``) gives a new file name, so a cached graph
-    can never be stale.
+    can never be stale. A module's ``export_key`` attribute (a string) is hashed too, for
+    what changes the graph but not the weights (the block where a partial front stops).
     """
     h = hashlib.sha256(f"v{_EXPORT_VERSION}/{type(model).__qualname__}".encode())
     sources = {inspect.getfile(type(m)) for m in model.modules()
                if type(m).__module__.split(".")[0] == "fashionhash"}
+    # what the weights do not tell: e.g. the block where a backbone's front stops
+    for m in model.modules():
+        if getattr(m, "export_key", None):
+            h.update(str(m.export_key).encode())
     for src in (*sorted(sources | {inspect.getfile(type(model))}), __file__):
         try:
             h.update(Path(src).read_bytes())

@@ -38,8 +38,8 @@ from fashionhash.evaluation.metrics import (
 )
 from fashionhash.evaluation.two_stage import catalogue_gains
 from fashionhash.pipeline import (
-    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, image_array, item_features,
-    open_data,
+    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, check_model_config,
+    image_array, item_inputs, open_data,
 )
 from fashionhash.models.backbones import preprocessing_for
 from fashionhash.models.device import device_of, resolve_device
@@ -80,7 +80,8 @@ class _JsonLog:
 
 
 class _FrozenBatches:
-    """Batches of cached features: ``x (B, F)``, one random augmented view ``x_view (B, F)``."""
+    """Batches of cached features (or partial mode's float16 activations): ``x (B, F)``, one
+    random augmented view ``x_view (B, F)``."""
 
     def __init__(self, feats: np.ndarray, views: np.ndarray | None, y: np.ndarray,
                  attrs: np.ndarray, batch_size: int) -> None:
@@ -261,8 +262,10 @@ def _check_run(cfg: Config, run_dir: Path, resume: bool, info: DistInfo) -> Path
     if tcfg.patience < 0:
         raise ValueError(f"train.patience={tcfg.patience}: epochs without a better val score "
                          "before stopping, 0 = never stop early")
+    check_model_config(cfg)
+    cached = cfg.model.mode in ("frozen", "partial")  # validated on cached inputs, damaged copies too
     selectable = {"map@1000", "top1"} | ({"same_product_top1", "same_product_top10", "graded_ndcg@10"}
-                                         if cfg.model.mode == "frozen" and cfg.data.n_damaged else set())
+                                         if cached and cfg.data.n_damaged else set())
     if tcfg.select_metric not in selectable:
         raise ValueError(f"train.select_metric={tcfg.select_metric!r}: this run's val split "
                          f"gives {sorted(selectable)}")
@@ -292,9 +295,11 @@ class _ValSet:
 
         def encode(x: np.ndarray) -> np.ndarray:  # (N, ...) -> (N, K) real codes
             method.eval()
+            # activation maps and photos expand ~6x inside a block: smaller chunks than features
+            n = 2048 if np.prod(x.shape[1:]) <= 4096 else 256
             with torch.no_grad():
-                out = [method.encode(torch.from_numpy(x[i:i + 2048]).to(device)).cpu()
-                       for i in range(0, len(x), 2048)]
+                out = [method.encode(torch.from_numpy(x[i:i + n]).to(device)).cpu()
+                       for i in range(0, len(x), n)]
             return torch.cat(out).numpy()
 
         return _val_metrics(encode(self.x), encode(self.db_x), self.y, self.db_y,
@@ -326,7 +331,7 @@ def _load_data(cfg: Config, run_dir: Path, cb: Callbacks, info: DistInfo) -> _Tr
     classes = list(split.protocol["classes"])
     labels = Labels.build(cat, classes)
     pos = {p: cat.positions(getattr(split, p)) for p in ("train", "val")}
-    load = _frozen_data if cfg.model.mode == "frozen" else _finetune_data
+    load = _finetune_data if cfg.model.mode == "finetune" else _frozen_data
     data = load(cfg, cat, labels, pos, cb, info)
     data.photo_size = cat.photo_size() if info.is_main else None
     return data
@@ -340,26 +345,31 @@ def _kept(pos: dict[str, np.ndarray], ok: dict[str, np.ndarray]) -> dict[str, np
 
 
 def _frozen_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, info: DistInfo) -> _TrainData:
-    """Cached backbone features of the training items, their augmented views and the val
-    set, computed by the first process of each machine (the others read its cache)."""
-    mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
+    """Cached inputs of the method (frozen: backbone features; partial: activations at block
+    ``train_from``) of the training items, their augmented views and the val set, computed by
+    the first process of each machine (the others read its cache)."""
+    tcfg, dcfg = cfg.train, cfg.data
+    what = "activations" if cfg.model.mode == "partial" else "features"
+    if cfg.model.mode == "partial":
+        _log_activation_memory(cfg, {p: len(pos[p]) for p in pos})
     feats, ok, views = {}, {}, []
     with distributed.main_first(info, local=True):
         for p in ("train", "val"):
             # a configured descriptor is cached in the same backbone pass (evaluation
             # and the index read it): one pass over the catalogue instead of two
-            feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
-                                            progress=cb.on_phase(f"features {p}", len(pos[p])),
-                                            descriptors=cfg.descriptor.kind != "none")
+            feats[p], ok[p] = item_inputs(cat, pos[p], cfg, num_workers=tcfg.num_workers,
+                                          progress=cb.on_phase(f"{what} {p}", len(pos[p])),
+                                          descriptors=cfg.descriptor.kind != "none")
         for v in range(dcfg.n_views):
-            f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
-                                 strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
-                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
+            f, o = item_inputs(cat, pos["train"], cfg, augment_seed=VIEW_SEED + v,
+                               strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
+                               progress=cb.on_phase(f"{what} view {v + 1}", len(pos["train"])))
             views.append(f)
             ok["train"] = ok["train"] & o
     kept = _kept(pos, ok)
     y_tr, y_val = labels.y[kept["train"]], labels.y[kept["val"]]
-    train_x = feats["train"][ok["train"]]
+    # a boolean index copies: skip it when every photo was read (partial mode's cache is large)
+    train_x = feats["train"] if ok["train"].all() else feats["train"][ok["train"]]
     batches = _FrozenBatches(train_x, np.stack([v[ok["train"]] for v in views]) if views else None,
                              y_tr, labels.attrs[kept["train"]], tcfg.batch_size)
     val = None
@@ -372,13 +382,27 @@ def _frozen_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, inf
                       val=val, train_x=train_x)
 
 
+def _log_activation_memory(cfg: Config, sizes: dict[str, int]) -> None:
+    """Say what partial mode's cache of activations weighs (float16), before computing it."""
+    from fashionhash.models.partial import activation_shape, tail_start
+
+    m = cfg.model
+    shape = activation_shape(m.backbone, m.image_size, tail_start(m.backbone, m.train_from))
+    rows = sizes["train"] * (1 + cfg.data.n_views) + sizes["val"] + min(cfg.data.n_damaged, sizes["val"])
+    log.info("partial mode: activations %s per photo at the input of block %d, %.1f KB in float16; "
+             "%d rows (train x %d views + val + damaged val) = %.2f GB in memory and on disk",
+             "x".join(map(str, shape)), tail_start(m.backbone, m.train_from), 2 * np.prod(shape) / 1e3,
+             rows, 1 + cfg.data.n_views, 2 * np.prod(shape) * rows / 1e9)
+
+
 def _add_val_damaged(val: _ValSet, cfg: Config, cat, kept: dict, cb: Callbacks) -> None:
     """Damaged copies of the first val items (a seed of their own, not the test queries'),
     so that item-level settings are chosen on val as well."""
     first = kept["val"][:cfg.data.n_damaged]
-    x, ok = item_features(cat, first, cfg.model, augment_seed=VAL_DAMAGED_SEED,
-                          strength=cfg.data.augment_strength, num_workers=cfg.train.num_workers,
-                          progress=cb.on_phase("features val damaged", len(first)))
+    what = "activations" if cfg.model.mode == "partial" else "features"
+    x, ok = item_inputs(cat, first, cfg, augment_seed=VAL_DAMAGED_SEED,
+                        strength=cfg.data.augment_strength, num_workers=cfg.train.num_workers,
+                        progress=cb.on_phase(f"{what} val damaged", len(first)))
     val.damaged, val.damaged_rows = x[ok], np.flatnonzero(ok)
     val.gains = catalogue_gains(cat, first[ok], np.concatenate([kept["train"], kept["val"]]),
                                 len(kept["train"]) + val.damaged_rows)
@@ -482,7 +506,7 @@ class _Step:
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
         with (distributed.sharded_encoder(self.method, info, tcfg.batch_size // info.world,
-                                          local_inputs=self.cfg.model.mode != "frozen",
+                                          local_inputs=self.cfg.model.mode == "finetune",
                                           seed=_shard_seed(tcfg.seed, epoch, step, info.rank))
               if info.world > 1 else contextlib.nullcontext()):
             losses, parts = self.method.objectives(batch)
