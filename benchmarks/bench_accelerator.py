@@ -10,7 +10,9 @@
 
 Both go through the CLI, as child processes side by side, so that one failing leaves the
 other's figures. On the 2-core CPU machine the same commands run too, only far slower
-(fine-tuning: hours per epoch). Usage::
+(fine-tuning: hours per epoch). Run it again with the same ``--runs`` to go on: the
+fine-tuning resumes from its last epoch (up to ``--epochs``), the table from its finished runs.
+Usage::
 
     python benchmarks/bench_accelerator.py [--data DIR] [--train-budget-s 300]
     python benchmarks/bench_accelerator.py --smoke   # a tiny check of the script itself
@@ -83,12 +85,17 @@ def run_finetune(a: argparse.Namespace, run: Path, deadline: float) -> dict:
     is kept on disk), evaluate the best epoch once. Returns what happened."""
     log = run.parent / "finetune_train.log"
     t0 = time.time()
-    p = _start(finetune_cmd(a, run), log)
+    # a run stopped at an earlier call's budget goes on where it stopped (same stream)
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    cmd = _cli("train", "--run-dir", str(run), "--resume", "--quiet", f"train.epochs={a.epochs}") \
+        if resume else finetune_cmd(a, run)
+    p = _start(cmd, log.with_name("finetune_resume.log") if resume else log)
     while p.poll() is None and time.time() < deadline:
         time.sleep(2)
     stopped = p.poll() is None
     _stop(p)
-    out = {"train_seconds": round(time.time() - t0, 1), "stopped_at_budget": stopped, "train_rc": p.returncode}
+    out = {"train_seconds": round(time.time() - t0, 1), "stopped_at_budget": stopped, "train_rc": p.returncode,
+           "resumed": resume}
     if not (run / "checkpoints" / "best.pt").is_file():
         out["error"] = _tail(log)
         return out
