@@ -168,6 +168,7 @@ def report(a: argparse.Namespace, run: Path, ft: dict | None, table: dict | None
         md = out / "accelerator_table" / "table.md"
         lines += ([ln for ln in md.read_text().splitlines()[2:]] if md.is_file()
                   else ["Failed:", "", "```", table.get("error", ""), "```"])
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "accelerator.md"
     path.write_text("\n".join(lines) + "\n")
     return path
