@@ -542,8 +542,12 @@ class FeatureExtractor:
         augment_seed: int | None = None,
         augment_strength: float = 1.0,
         progress: Callable[[int], None] | None = None,
+        dtype: "np.typing.DTypeLike" = np.float32,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Features of ``images`` -> ``(features (N, feat_dim) float32, ok (N,) bool)``.
+        """Features of ``images`` -> ``(features (N, feat_dim) dtype, ok (N,) bool)``.
+
+        ``dtype``: of the array written batch by batch (float16 for large activations: a
+        float32 copy of the catalogue would double the peak memory).
 
         ``num_workers`` decode workers (``executor``: threads or processes; 0 decodes
         inline without overlap). ``augment_seed``: if set, image ``i`` is replaced by
@@ -552,7 +556,7 @@ class FeatureExtractor:
         with the number of images finished after each batch (e.g. ``tqdm.update``).
         """
         n = len(images)
-        feats = np.zeros((n, self.feat_dim), dtype=np.float32)
+        feats = np.zeros((n, self.feat_dim), dtype=dtype)
         ok = np.zeros(n, dtype=bool)
         errors: list[str] = []
         for start, out, good, errs in self.batches(

@@ -17,7 +17,6 @@ the head conv on 192x7x7 activations: 18.8 KB per photo in float16.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,7 +27,6 @@ from torch import nn
 from .backbones import build_backbone
 from .efficientnet import EfficientNetLite
 
-log = logging.getLogger(__name__)
 
 __all__ = ["BackboneFront", "BackboneTail", "tail_start", "activation_shape", "extract_activations"]
 
@@ -120,17 +118,5 @@ def extract_activations(sources: Sequence, backbone: str, image_size: int, start
 
     front = BackboneFront(build_backbone(backbone), start, image_size).eval()
     fx = FeatureExtractor(backbone, image_size=image_size, engine=engine, model=front)  # type: ignore[arg-type]
-    out = np.zeros((len(sources), fx.feat_dim), np.float16)
-    ok = np.zeros(len(sources), bool)
-    errors: list[str] = []
-    for s, acts, good, errs in fx.batches(sources, num_workers=num_workers, augment_seed=augment_seed,
-                                          augment_strength=strength):
-        out[s:s + len(good)] = acts
-        ok[s:s + len(good)] = good
-        errors.extend(errs)
-        if progress is not None:
-            progress(len(good))
-    if errors:
-        log.warning("%d of %d images could not be read (zero activations, ok=False); first: %s",
-                    len(errors), len(sources), errors[0])
-    return out, ok
+    return fx(list(sources), num_workers=num_workers, augment_seed=augment_seed,
+              augment_strength=strength, progress=progress, dtype=np.float16)
