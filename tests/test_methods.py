@@ -18,6 +18,7 @@ from fashionhash.losses.peers import (
 # the peers register themselves on import (methods/__init__ may not import them yet)
 from fashionhash.methods import csq, dch, dlbhc, dpsh, dsh, hashnet, itq, lsh, sgml  # noqa: F401
 from fashionhash.methods.base import METHODS
+from fashionhash.models.heads import HashHead, set_precision
 
 FEAT, BITS, CLASSES, HIDDEN = 24, 16, 4, 32
 NAMES = METHODS.names()
@@ -107,9 +108,41 @@ def test_losses_and_gradients_finite(name):
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
-def test_learns_a_tiny_separable_problem(name):
+def test_bfloat16_heads_train_like_float32(name):
+    """train.precision=bfloat16: the losses and gradients stay float32 and close to the
+    float32 step's; evaluation is untouched (the same float32 codes)."""
+    batch = _batch(seed=3)
+    ref, low = _build(name).train(), _build(name).train()
+    set_precision(low, "bfloat16")
+    for group, params in ref.param_groups().items():
+        torch.manual_seed(1)
+        loss_ref = ref.objectives(batch)[0][group]
+        torch.manual_seed(1)
+        loss_low = low.objectives(batch)[0][group]
+        assert loss_low.dtype == torch.float32 and torch.isfinite(loss_low)
+        assert float(loss_low.detach()) == pytest.approx(float(loss_ref.detach()), rel=0.05, abs=1e-3), group
+        p_ref = [p for g in params for p in g["params"]]
+        p_low = [p for g in low.param_groups()[group] for p in g["params"]]
+        g_ref = torch.cat([g.flatten() for g in torch.autograd.grad(loss_ref, p_ref, allow_unused=True,
+                                                                    materialize_grads=True)])
+        g_low = torch.cat([g.flatten() for g in torch.autograd.grad(loss_low, p_low, allow_unused=True,
+                                                                    materialize_grads=True)])
+        assert torch.nn.functional.cosine_similarity(g_ref, g_low, dim=0) > 0.95, group
+    if isinstance(low.head, HashHead):  # SGML's own embedding head stays float32
+        out_ref, out_low = ref.head(batch["x"]), low.head(batch["x"])
+        assert out_low.dtype == torch.float32 and not torch.equal(out_ref, out_low)  # bfloat16 inside
+    with torch.no_grad():
+        assert torch.equal(ref.eval().encode(batch["x"]), low.eval().encode(batch["x"]))
+    with pytest.raises(ValueError, match="train.precision"):
+        set_precision(low, "float16")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_learns_a_tiny_separable_problem(name, precision):
     torch.manual_seed(0)
     m = _build(name).train()
+    set_precision(m, precision)
     batch = _batch(seed=2)
     params = {k: [p for g in gs for p in g["params"]] for k, gs in m.param_groups().items()}
     optims = {k: torch.optim.Adam(ps, lr=3e-3) for k, ps in params.items()}

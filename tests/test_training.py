@@ -1,6 +1,7 @@
 """Training through the real CLI: one epoch on real photos, resume after a kill equals an
 uninterrupted run, divergence stops with a clear message, a corrupt JPEG is skipped."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -165,6 +166,17 @@ def test_device_is_resolved_and_refused_clearly(monkeypatch):
     assert resolve_device("auto", processes=2).type == "cpu"  # one process per GPU: not yet
     with pytest.raises(ValueError, match="several processes"):
         resolve_device("cuda", processes=2)
+
+
+def test_bfloat16_heads_train_and_a_bad_precision_is_refused(synthetic_fmnist, tmp_path, capsys):
+    args = _fm(synthetic_fmnist, "train.epochs=1")
+    assert main(["train", "--run-dir", str(tmp_path / "bad"), "--quiet", *args, "train.precision=half"]) == 2
+    assert "train.precision='half'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--quiet", *args, "train.precision=bfloat16"]) == 0
+    epoch = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    assert math.isfinite(epoch["train"]["total"]) and 0 <= epoch["val"]["map@1000"] <= 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -80,6 +80,9 @@ class TrainConfig:
     # where the networks train: auto (a CUDA GPU when torch sees one and the run has one
     # process, else the CPU) | cpu | cuda. Features are still cached on the CPU (ONNX)
     device: str = "auto"
+    # float32 | bfloat16: the heads' matrix products while training (models/heads.py:
+    # PRECISIONS); validation and evaluation stay float32
+    precision: str = "float32"
 
 
 @dataclass

@@ -2,8 +2,39 @@
 classifier (reading the code) and the pair discriminator of Singh et al. (2019)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
+
+#: ``train.precision`` values. bfloat16 runs the heads' matrix products in bfloat16 while
+#: training (AVX-512 BF16 CPUs and GPUs do them in about half the time; ``benchmarks/
+#: bench_precision.py``); their outputs are float32, so that the losses' inner products of
+#: codes (values up to K, which bfloat16's 8-bit mantissa would round) stay exact.
+#: Validation, evaluation and export always run in float32. (SGML's own embedding head is
+#: not a HashHead: it stays float32.)
+PRECISIONS = ("float32", "bfloat16")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse an unknown ``train.precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+def set_precision(module: nn.Module, precision: str) -> None:
+    """Make every head inside ``module`` train in ``precision`` (see :data:`PRECISIONS`)."""
+    check_precision(precision)
+    for m in module.modules():
+        if isinstance(m, (HashHead, Discriminator)):
+            m.low_precision = precision == "bfloat16"
+
+
+def _autocast(module: nn.Module, x: torch.Tensor):
+    """bfloat16 autocast while a low-precision head trains; nothing otherwise."""
+    if getattr(module, "low_precision", False) and module.training and torch.is_grad_enabled():
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class HashHead(nn.Module):
@@ -21,8 +52,11 @@ class HashHead(nn.Module):
         self.net = nn.Sequential(*layers)
         self.n_bits = n_bits
 
+    low_precision = False  # see set_precision
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.net(feats)
+        with _autocast(self, feats):
+            return self.net(feats).float()
 
 
 class Discriminator(nn.Module):
@@ -36,10 +70,13 @@ class Discriminator(nn.Module):
         self.code = nn.Sequential(nn.Linear(n_bits, width), nn.ReLU(inplace=True))
         self.out = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
 
+    low_precision = False  # see set_precision
+
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         """The image side ``(B, F) -> (B, width)``, computed once when one image is judged
         against several codes (the costly half: F = 1,280 against K <= 128)."""
-        return self.proj(feats)
+        with _autocast(self, feats):
+            return self.proj(feats).float()
 
     def judge(self, projected: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``(projected image (B, width), code (B, K)) -> logit (B,)``."""

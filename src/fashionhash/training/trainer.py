@@ -43,6 +43,7 @@ from fashionhash.pipeline import (
 )
 from fashionhash.models.backbones import preprocessing_for
 from fashionhash.models.device import device_of, resolve_device
+from fashionhash.models.heads import check_precision, set_precision
 
 log = logging.getLogger(__name__)
 VAL_DB_IMAGES = 10_000  # finetune mode: validation database sample size
@@ -182,6 +183,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False,
 
 def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistInfo) -> Path:
     device = resolve_device(cfg.train.device, info.world)  # refused before anything is written
+    check_precision(cfg.train.precision)
     ckpt_dir = _check_run(cfg, run_dir, resume, info)
     # the processes of one machine share its cores
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world)
@@ -194,6 +196,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, cb: Callbacks, info: DistIn
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
     method = build_method(cfg, len(data.classes), data.attr_sizes).to(device)
+    set_precision(method, tcfg.precision)
     optims, params = _optimisers(method, tcfg)
     start_epoch, best, history = _restore(ckpt_dir / "last.pt", method, optims, run_dir, jlog, resume, info)
     # shallow methods (LSH, ITQ...) are fitted once in closed form on the training features
