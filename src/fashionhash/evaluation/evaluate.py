@@ -20,7 +20,8 @@ from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_
                                             rerank_key, same_item_topk)
 from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, shortlist_codes,
                                               two_stage_hits, two_stage_topk)
-from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_features, load_run, open_data
+from fashionhash.pipeline import (DAMAGED_SEED, int8_calibration, item_descriptors, item_features, load_run,
+                                  open_data)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def _encode_items(run, cat, positions, *, augment_seed=None, strength=1.0, phase
     if m.mode == "frozen":
         feats, ok = item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
                                   progress=progress, num_workers=run.cfg.train.num_workers,
-                                  descriptors=run.cfg.descriptor.kind != "none")
+                                  descriptors=run.cfg.descriptor.kind != "none",
+                                  calibration=int8_calibration(run.cfg))
         return run.codes_from_inputs(feats), ok
     sources = cat.sources()
     real, ok = [], []

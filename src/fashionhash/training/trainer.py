@@ -38,8 +38,8 @@ from fashionhash.evaluation.metrics import (
 )
 from fashionhash.evaluation.two_stage import catalogue_gains
 from fashionhash.pipeline import (
-    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, image_array, item_features,
-    open_data,
+    VAL_DAMAGED_SEED, VIEW_SEED, Labels, build_method, check_descriptor_config, image_array, int8_calibration,
+    item_features, open_data,
 )
 from fashionhash.models.backbones import preprocessing_for
 from fashionhash.models.device import device_of, resolve_device
@@ -343,6 +343,7 @@ def _frozen_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, inf
     """Cached backbone features of the training items, their augmented views and the val
     set, computed by the first process of each machine (the others read its cache)."""
     mcfg, tcfg, dcfg = cfg.model, cfg.train, cfg.data
+    calibration = int8_calibration(cfg)
     feats, ok, views = {}, {}, []
     with distributed.main_first(info, local=True):
         for p in ("train", "val"):
@@ -350,11 +351,13 @@ def _frozen_data(cfg: Config, cat, labels: Labels, pos: dict, cb: Callbacks, inf
             # and the index read it): one pass over the catalogue instead of two
             feats[p], ok[p] = item_features(cat, pos[p], mcfg, num_workers=tcfg.num_workers,
                                             progress=cb.on_phase(f"features {p}", len(pos[p])),
-                                            descriptors=cfg.descriptor.kind != "none")
+                                            descriptors=cfg.descriptor.kind != "none",
+                                            calibration=calibration)
         for v in range(dcfg.n_views):
             f, o = item_features(cat, pos["train"], mcfg, augment_seed=VIEW_SEED + v,
                                  strength=dcfg.augment_strength, num_workers=tcfg.num_workers,
-                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])))
+                                 progress=cb.on_phase(f"features view {v + 1}", len(pos["train"])),
+                                 calibration=calibration)
             views.append(f)
             ok["train"] = ok["train"] & o
     kept = _kept(pos, ok)
@@ -378,7 +381,8 @@ def _add_val_damaged(val: _ValSet, cfg: Config, cat, kept: dict, cb: Callbacks) 
     first = kept["val"][:cfg.data.n_damaged]
     x, ok = item_features(cat, first, cfg.model, augment_seed=VAL_DAMAGED_SEED,
                           strength=cfg.data.augment_strength, num_workers=cfg.train.num_workers,
-                          progress=cb.on_phase("features val damaged", len(first)))
+                          progress=cb.on_phase("features val damaged", len(first)),
+                          calibration=int8_calibration(cfg))
     val.damaged, val.damaged_rows = x[ok], np.flatnonzero(ok)
     val.gains = catalogue_gains(cat, first[ok], np.concatenate([kept["train"], kept["val"]]),
                                 len(kept["train"]) + val.damaged_rows)
