@@ -19,6 +19,7 @@ the two maps) and is, or holds as ``.backbone``, an EfficientNet-Lite.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -50,7 +51,7 @@ class Calibration:
 
     photos: tuple[bytes, ...]
 
-    @property
+    @functools.cached_property  # a frozen dataclass still has a __dict__ for it
     def tag(self) -> str:
         h = hashlib.sha256(f"int8-v{INT8_VERSION}".encode())
         for p in self.photos:
