@@ -15,7 +15,7 @@ from fashionhash.cli import main
 from fashionhash.config import Config, load_config
 from fashionhash.data.catalogue import open_catalogue
 from fashionhash.models.features import FeatureExtractor
-from fashionhash.models.quantize import Calibration
+from fashionhash.models.quantize import Calibration, float_front_nodes, float_tail_nodes
 from fashionhash.pipeline import (_feature_key, build_method, check_engine, int8_calibration, item_descriptors,
                                   item_features, load_run, open_data)
 
@@ -58,6 +58,96 @@ def test_int8_features_close_to_fp32_and_same_from_two_builds(tiny_kaggle, calib
     assert other.tag != calibration.tag
     assert FeatureExtractor("efficientnet_lite0", image_size=SIZE, engine="onnx_int8",
                             calibration=other).onnx_path.name != fx.onnx_path.name
+
+
+def _float_weight_convs(path: Path) -> set[str]:
+    """Names of the Conv nodes of an ONNX graph whose weights are not dequantized int8."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in dq}
+
+
+def test_float_tail_keeps_the_last_blocks_float(tiny_kaggle, calibration):
+    """model.int8_float_tail=1: block 15 and the head conv of the trunk stay float32 (the
+    rest int8); features still match fp32; its own file and tag, tail 0's tag unchanged."""
+    photos = _photos(tiny_kaggle)[:24]
+    fp32, ok = FeatureExtractor("efficientnet_lite0", image_size=SIZE)(photos, num_workers=0)
+    tail0 = FeatureExtractor("efficientnet_lite0", image_size=SIZE, engine="onnx_int8", calibration=calibration)
+    tail1 = FeatureExtractor("efficientnet_lite0", image_size=SIZE, engine="onnx_int8",
+                             calibration=Calibration(calibration.photos, float_tail=1))
+    # tail 0 keeps the tag (file names, feature cache keys) it had before the setting existed
+    assert Calibration(calibration.photos, 0).tag == calibration.tag != Calibration(calibration.photos, 1).tag
+    assert tail1.onnx_path.name != tail0.onnx_path.name
+    # the trunk part of the merged graph (the float tail graph's nodes are prefixed "tail/")
+    trunk = {n for n in _float_weight_convs(tail1.onnx_path) if not n.startswith("tail/")}
+    assert trunk == {"/_blocks.15/_expand_conv/Conv", "/_blocks.15/_depthwise_conv/Conv",
+                     "/_blocks.15/_project_conv/Conv", "/_conv_head/Conv"}, trunk
+    assert not {n for n in _float_weight_convs(tail0.onnx_path) if not n.startswith("tail/")}
+    f0, _ = tail0(photos, num_workers=0)
+    f1, _ = tail1(photos, num_workers=0)
+    cos = _cosine(fp32[ok], f1[ok])
+    assert cos.mean() > 0.97 and cos.min() > 0.9, (cos.mean(), cos.min())
+    assert np.abs(f1[ok] - f0[ok]).max() > 1e-4  # another graph, not tail 0's
+
+
+def test_float_front_keeps_the_first_blocks_float(tiny_kaggle, calibration):
+    """model.int8_float_front=3: the stem and blocks 0-2 stay float32, the rest int8; the
+    features come closer to fp32 than all-int8 ones (the first layers hold most of the error)."""
+    photos = _photos(tiny_kaggle)[:24]
+    fp32, ok = FeatureExtractor("efficientnet_lite0", image_size=SIZE)(photos, num_workers=0)
+    front = Calibration(calibration.photos, float_front=3)
+    assert front.tag not in (calibration.tag, Calibration(calibration.photos, float_tail=3).tag)
+    fx = FeatureExtractor("efficientnet_lite0", image_size=SIZE, engine="onnx_int8", calibration=front)
+    trunk = {n for n in _float_weight_convs(fx.onnx_path) if not n.startswith("tail/")}
+    assert trunk == {"/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv", "/_blocks.0/_project_conv/Conv",
+                     *(f"/_blocks.{b}/_{c}_conv/Conv" for b in (1, 2) for c in ("expand", "depthwise", "project"))}, trunk
+    int8, _ = FeatureExtractor("efficientnet_lite0", image_size=SIZE, engine="onnx_int8",
+                               calibration=calibration)(photos, num_workers=0)
+    got, _ = fx(photos, num_workers=0)
+    cos_front, cos_int8 = _cosine(fp32[ok], got[ok]), _cosine(fp32[ok], int8[ok])
+    assert cos_front.min() > 0.95 and cos_front.mean() > cos_int8.mean(), (cos_front.mean(), cos_int8.mean())
+
+
+def test_float_tail_nodes_and_refusals():
+    import onnx
+    from onnx import helper
+
+    nodes = [helper.make_node("Relu", [a], [b], name=n) for a, b, n in
+             [("x", "a", "/_conv_stem/Conv"), ("a", "b", "/_blocks.0/Conv"), ("b", "c", "/_blocks.1/Conv"),
+              ("c", "d", "/_blocks.1/Add"), ("d", "e", "/_conv_head/Conv"), ("e", "y", "/Clip_1")]]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    assert float_tail_nodes(graph, 2, 0) == []
+    assert float_tail_nodes(graph, 2, 1) == ["/_blocks.1/Conv", "/_blocks.1/Add", "/_conv_head/Conv", "/Clip_1"]
+    assert float_tail_nodes(graph, 2, 2)[0] == "/_blocks.0/Conv"
+    with pytest.raises(ValueError, match="3"):
+        float_tail_nodes(graph, 2, 3)
+    assert float_front_nodes(graph, 2, 0) == []
+    assert float_front_nodes(graph, 2, 1) == ["/_conv_stem/Conv", "/_blocks.0/Conv"]
+    with pytest.raises(ValueError):
+        float_front_nodes(graph, 2, 2)  # every block float: use model.engine=onnx
+    with pytest.raises(ValueError):
+        Calibration((b"x",), float_tail=-1)
+    cfg = Config()
+    cfg.model.engine = "onnx_int8"
+    for bad in (-1, 17):
+        cfg.model.int8_float_tail = bad
+        with pytest.raises(ValueError, match="int8_float_tail"):
+            check_engine(cfg.model)
+    cfg.model.int8_float_tail = 16  # every block (the stem alone in int8): allowed
+    check_engine(cfg.model)
+    cfg.model.int8_float_tail = 0
+    for bad in (-1, 16):
+        cfg.model.int8_float_front = bad
+        with pytest.raises(ValueError, match="int8_float_front"):
+            check_engine(cfg.model)
+    cfg.model.int8_float_front, cfg.model.int8_float_tail = 3, 14  # 17 of 16 blocks
+    with pytest.raises(ValueError, match="int8_float_front"):
+        check_engine(cfg.model)
+    cfg.model.int8_float_tail = 1
+    check_engine(cfg.model)
 
 
 def test_feature_keys_of_int8_differ_and_fp32_keys_are_unchanged(tiny_kaggle, calibration):

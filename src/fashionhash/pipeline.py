@@ -104,6 +104,17 @@ def check_engine(m: ModelConfig) -> None:
         raise ValueError("model.engine=onnx_int8 quantizes a frozen EfficientNet-Lite backbone: it needs "
                          f"model.mode=frozen and an efficientnet_lite backbone, not {m.mode}/{m.backbone} "
                          "(partial and finetune runs: model.engine=onnx or torch)")
+    if m.engine == "onnx_int8":
+        from fashionhash.models.partial import _n_blocks
+
+        n = _n_blocks(m.backbone)
+        if not 0 <= m.int8_float_tail <= n:
+            raise ValueError(f"model.int8_float_tail={m.int8_float_tail}: the number of final blocks of "
+                             f"{m.backbone} the int8 engine keeps float32, 0..{n}")
+        if not 0 <= m.int8_float_front < n or m.int8_float_front + m.int8_float_tail > n:
+            raise ValueError(f"model.int8_float_front={m.int8_float_front}: the number of first blocks of "
+                             f"{m.backbone} the int8 engine keeps float32 with the stem, 0..{n - 1}, and "
+                             f"with int8_float_tail={m.int8_float_tail} at most {n} blocks in all")
 
 
 _CALIBRATIONS: dict[str, "Calibration"] = {}
@@ -113,7 +124,9 @@ def int8_calibration(cfg: Config) -> "Calibration | None":
     """The int8 engine's calibration photos for ``cfg`` (None for the fp32 engines): a
     seeded sample of the training split of ``cfg.data``'s catalogue, whatever catalogue is
     being encoded, so that the catalogue's features and the run's query encoder are made by
-    the same int8 backbone. Drawn once per process and data config."""
+    the same int8 backbone, with ``model.int8_float_tail`` / ``int8_float_front`` (the last /
+    first blocks kept float32).
+    The photos are drawn once per process and data config."""
     check_engine(cfg.model)
     if cfg.model.engine != "onnx_int8":
         return None
@@ -129,7 +142,8 @@ def int8_calibration(cfg: Config) -> "Calibration | None":
             _CALIBRATIONS[key] = Calibration.from_files(cat.paths[pick])
         else:  # pixel catalogues: PNG-encode the arrays so the calibration is bytes as well
             _CALIBRATIONS[key] = Calibration(tuple(_png(cat.pixels[i]) for i in pick))
-    return _CALIBRATIONS[key]
+    return dataclasses.replace(_CALIBRATIONS[key], float_tail=cfg.model.int8_float_tail,
+                               float_front=cfg.model.int8_float_front)
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -455,7 +455,8 @@ class FeatureExtractor:
 
             assert calibration is not None
             self.onnx_path = int8_graph(self.model, backbone_name, self.image_size, self.channels,
-                                        self.calibration_batch(calibration), calibration.tag)
+                                        self.calibration_batch(calibration), calibration.tag,
+                                        calibration.float_tail, calibration.float_front)
 
     def calibration_batch(self, calibration: "Calibration") -> np.ndarray:
         """The calibration photos decoded and normalised like every input: float32
