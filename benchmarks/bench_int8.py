@@ -125,7 +125,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} cores (shared with other jobs: fp32 and int8 calls alternate, so load hits both alike). "
         f"{args.photos} catalogue photos spread over the ids; int8 calibrated on the 64 seeded training photos "
         "that `model.engine=onnx_int8` runs use; `int8 tail N`: `model.int8_float_tail=N` (the last N blocks "
-        "and the head conv float32).", "",
+        "and the head conv float32); `int8 front N`: `model.int8_float_front=N` (the stem and the first N "
+        "blocks float32).", "",
         "| size | engine | batch 1, 1 thread: median ms | p90 ms | batch 64, 1 thread: ms/photo "
         "| end to end (decode + model, defaults): photos/s | feature cosine to fp32: mean / min "
         "| raw descriptor cosine to fp32: mean / min |",
