@@ -129,7 +129,7 @@ def test_sharded_step_has_the_one_process_gradients():
 
 
 def _synthetic_features(cat, positions, mcfg, *, augment_seed=None, strength=1.0, progress=None,
-                        num_workers=0, descriptors=False):
+                        num_workers=0, descriptors=False, calibration=None):
     """Stand-in for the backbone's cached features: a fixed random projection of the pixels
     (plus seeded noise for an augmented view), so no backbone weights are needed."""
     from fashionhash.pipeline import feature_dim

@@ -165,6 +165,7 @@ def test_activation_cache_keys(tiny_kaggle):
     ("model.mode=partly", "model.mode is one of"),
     ("descriptor.kind=gem", "descriptor.kind=none"),
     ("model.train_from=stage7", "whole number"),
+    ("model.engine=onnx_int8", "model.mode=frozen"),  # no int8 front for the activations
 ])
 def test_bad_settings_refused_before_anything_is_written(tiny_kaggle, tmp_path, capsys, override, message):
     run = tmp_path / "run"

@@ -641,7 +641,8 @@ def _add_encoding_commands(sub) -> None:
     c.add_argument("images", nargs="*", help="photos to hash and print (or use --folder / --manifest)")
     c.add_argument("--out", type=Path,
                    help="photos: save the codes to this .npz; --folder/--manifest: output directory")
-    c.add_argument("--engine", choices=("onnx", "torch"), help="default: the run's model.engine")
+    c.add_argument("--engine", choices=("onnx", "torch", "onnx_int8"),
+                   help="default: the run's model.engine (onnx_int8 runs encode with onnx_int8 only)")
     c.add_argument("--folder", type=Path, help="encode every image file below this folder")
     c.add_argument("--manifest", type=Path, help="encode the photos of a CSV with a 'path' column")
     c.add_argument("--resume", action="store_true", help="continue an interrupted encoding in --out")

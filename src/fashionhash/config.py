@@ -49,7 +49,15 @@ class ModelConfig:
     n_bits: int = 64
     hidden: int = 1024
     dropout: float = 0.1
-    engine: str = "onnx"  # photo -> features / codes: onnx (fast) | torch
+    # photo -> features / codes: onnx (fast) | torch | onnx_int8 (frozen EfficientNet-Lite:
+    # int8 convolutions, ~2x faster on CPU, its own feature caches; models/quantize.py)
+    engine: str = "onnx"
+    # onnx_int8: the last blocks of the trunk kept float32 with its head conv (0 = all int8);
+    # they feed the second-stage descriptor, the most int8-sensitive output (docs/results.md)
+    int8_float_tail: int = 0
+    # onnx_int8: the stem and the first blocks kept float32 (0 = all int8): the int8 error of
+    # the descriptor comes from these layers, on the largest maps (docs/results.md)
+    int8_float_front: int = 0
 
 
 @dataclass

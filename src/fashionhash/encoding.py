@@ -209,7 +209,8 @@ def export_onnx(run: "Run", path: str | os.PathLike) -> Path:
 
     from fashionhash.models.backbones import preprocessing_for
 
-    fx = run.encoder("onnx")
+    # an int8 run's index was made by its int8 backbone: export that graph, not the fp32 one
+    fx = run.encoder("onnx_int8" if run.cfg.model.engine == "onnx_int8" else "onnx")
     model = onnx.load(str(fx.onnx_path))
     graph = model.graph
     old = graph.output[0].name
@@ -224,6 +225,7 @@ def export_onnx(run: "Run", path: str | os.PathLike) -> Path:
         "fashionhash.method": run.cfg.method.name,
         "fashionhash.mode": m.mode,
         "fashionhash.backbone": m.backbone,
+        "fashionhash.engine": fx.engine,
         "fashionhash.n_bits": str(m.n_bits),
         "fashionhash.image_size": str(m.image_size),
         "fashionhash.channels": str(fx.channels),

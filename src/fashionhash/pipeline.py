@@ -6,6 +6,7 @@ Data flows one way: photos -> data -> models -> codes. Nothing here imports trai
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -31,12 +32,15 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # pragma: no cover
     from fashionhash.descriptors import Whitening
     from fashionhash.models.features import FeatureExtractor
+    from fashionhash.models.quantize import Calibration
 
 
 Progress = Callable[[int], None]
 PARTS = ("train", "val", "query")
 #: seeds of the augmentation streams: training views, damaged test-query and val copies differ
 VIEW_SEED, DAMAGED_SEED, VAL_DAMAGED_SEED = 1_000, 9_000, 9_500
+#: the int8 engine's calibration: this many training photos, drawn with this seed
+INT8_CALIBRATION_PHOTOS, INT8_CALIBRATION_SEED = 64, 12_000
 
 
 def open_data(cfg: Config, split_path: Path | None = None) -> tuple[Catalogue, Split]:
@@ -88,24 +92,90 @@ class Labels:
         return [int(col.max()) + 1 if col.size and col.max() >= 0 else 1 for col in self.attrs.T]
 
 
+def check_engine(m: ModelConfig) -> None:
+    """Refuse an engine this model cannot use, before anything is computed."""
+    from fashionhash.models.features import ENGINES
+
+    if m.engine not in ENGINES:
+        raise ValueError(f"model.engine is one of {', '.join(ENGINES)}, not {m.engine!r}")
+    if m.engine == "onnx_int8" and (m.mode != "frozen" or not m.backbone.startswith("efficientnet")):
+        # partial mode would need an int8 front cut at block train_from and its own activation
+        # caches (and the tail trained on int8 activations): not built
+        raise ValueError("model.engine=onnx_int8 quantizes a frozen EfficientNet-Lite backbone: it needs "
+                         f"model.mode=frozen and an efficientnet_lite backbone, not {m.mode}/{m.backbone} "
+                         "(partial and finetune runs: model.engine=onnx or torch)")
+    if m.engine == "onnx_int8":
+        from fashionhash.models.partial import _n_blocks
+
+        n = _n_blocks(m.backbone)
+        if not 0 <= m.int8_float_tail <= n:
+            raise ValueError(f"model.int8_float_tail={m.int8_float_tail}: the number of final blocks of "
+                             f"{m.backbone} the int8 engine keeps float32, 0..{n}")
+        if not 0 <= m.int8_float_front < n or m.int8_float_front + m.int8_float_tail > n:
+            raise ValueError(f"model.int8_float_front={m.int8_float_front}: the number of first blocks of "
+                             f"{m.backbone} the int8 engine keeps float32 with the stem, 0..{n - 1}, and "
+                             f"with int8_float_tail={m.int8_float_tail} at most {n} blocks in all")
+
+
+_CALIBRATIONS: dict[str, "Calibration"] = {}
+
+
+def int8_calibration(cfg: Config) -> "Calibration | None":
+    """The int8 engine's calibration photos for ``cfg`` (None for the fp32 engines): a
+    seeded sample of the training split of ``cfg.data``'s catalogue, whatever catalogue is
+    being encoded, so that the catalogue's features and the run's query encoder are made by
+    the same int8 backbone, with ``model.int8_float_tail`` / ``int8_float_front`` (the last /
+    first blocks kept float32).
+    The photos are drawn once per process and data config."""
+    check_engine(cfg.model)
+    if cfg.model.engine != "onnx_int8":
+        return None
+    from fashionhash.models.quantize import Calibration
+
+    key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True, default=str)
+    if key not in _CALIBRATIONS:
+        cat, split = open_data(cfg)
+        train = cat.positions(split.train)
+        rng = np.random.default_rng(INT8_CALIBRATION_SEED)
+        pick = np.sort(rng.choice(train, size=min(INT8_CALIBRATION_PHOTOS, len(train)), replace=False))
+        if cat.paths is not None:
+            _CALIBRATIONS[key] = Calibration.from_files(cat.paths[pick])
+        else:  # pixel catalogues: PNG-encode the arrays so the calibration is bytes as well
+            _CALIBRATIONS[key] = Calibration(tuple(_png(cat.pixels[i]) for i in pick))
+    return dataclasses.replace(_CALIBRATIONS[key], float_tail=cfg.model.int8_float_tail,
+                               float_front=cfg.model.int8_float_front)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _sources(cat: Catalogue, positions: np.ndarray) -> list:
     # cat.sources() builds a list of every item: once, not once per position
     return list(cat.paths[positions]) if cat.paths is not None else [cat.pixels[i] for i in positions]
 
 
 def _extract(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *, augment_seed: int | None,
-             strength: float, progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+             strength: float, progress: Progress | None, num_workers: int,
+             calibration: "Calibration | None") -> tuple[np.ndarray, np.ndarray]:
     from fashionhash.models.features import extract_features
 
     return extract_features(
         _sources(cat, positions), mcfg.backbone, image_size=mcfg.image_size, engine=mcfg.engine,
         augment_seed=augment_seed, augment_strength=strength, progress=progress,
-        num_workers=num_workers,
+        num_workers=num_workers, calibration=calibration,
     )
 
 
 def _feature_key(cat: Catalogue, positions: np.ndarray, backbone: str, size: int,
-                 augment_seed: int | None, strength: float, output: str = "pooled") -> dict:
+                 augment_seed: int | None, strength: float, output: str = "pooled",
+                 calibration: "Calibration | None" = None) -> dict:
     key = {
         "catalogue": cat.fingerprint(), "positions": array_digest(positions),
         "backbone": backbone, "size": size,
@@ -114,45 +184,60 @@ def _feature_key(cat: Catalogue, positions: np.ndarray, backbone: str, size: int
     }
     if output != "pooled":  # pooled entries keep the key they always had
         key["output"] = output
+    if calibration is not None:  # int8 features; the fp32 engines agree to ~1e-5 and share keys
+        key["engine"] = "onnx_int8"
+        key["int8"] = calibration.tag  # the photos and the recipe's version
     return key
 
 
 def _extract_descriptors(cat: Catalogue, positions: np.ndarray, backbone: str, size: int, *,
                          pooled: bool, augment_seed: int | None, strength: float,
-                         progress: Progress | None, num_workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One backbone pass: ``(pooled (N, F) or None, raw descriptors (N, D), ok (N,))``."""
+                         progress: Progress | None, num_workers: int,
+                         calibration: "Calibration | None" = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One backbone pass: ``(pooled (N, F) or None, raw descriptors (N, D), ok (N,))``, on
+    the int8 engine when ``calibration`` is given, else on ONNX fp32."""
     from fashionhash.models.descriptor import DescriptorNet
     from fashionhash.models.features import extract_features
 
     net = DescriptorNet(BACKBONES.build(backbone), pooled=pooled).eval()
     out, ok = extract_features(_sources(cat, positions), backbone, image_size=size, model=net,
                                augment_seed=augment_seed, augment_strength=strength,
-                               progress=progress, num_workers=num_workers)
+                               progress=progress, num_workers=num_workers,
+                               engine="onnx" if calibration is None else "onnx_int8",
+                               calibration=calibration)
     return (out[:, :net.lead_dim] if pooled else None), out[:, net.lead_dim:], ok
 
 
 def item_features(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
                   augment_seed: int | None = None, strength: float = 1.0,
                   progress: Progress | None = None, num_workers: int = 2,
-                  descriptors: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  descriptors: bool = False,
+                  calibration: "Calibration | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Cached backbone features of catalogue items: ``(n, F)`` float32 and ``(n,)`` ok mask.
 
     With ``augment_seed``, of an augmented copy of each item (deterministic per item).
     ``descriptors``: when the features must be computed, compute the items' raw descriptors
-    at this size in the same pass and cache them too (see :func:`item_descriptors`)."""
+    at this size in the same pass and cache them too (see :func:`item_descriptors`).
+    ``calibration``: required with ``mcfg.engine == "onnx_int8"``, from
+    :func:`int8_calibration` of the run's config."""
     positions = np.asarray(positions, dtype=np.int64)
-    key = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength)
+    check_engine(mcfg)
+    if (mcfg.engine == "onnx_int8") != (calibration is not None):
+        raise ValueError("item_features: pass calibration=int8_calibration(cfg) with model.engine=onnx_int8, "
+                         "and only then")
+    key = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength,
+                       calibration=calibration)
     if descriptors and not cache_has(key):
         dkey = _feature_key(cat, positions, mcfg.backbone, mcfg.image_size, augment_seed, strength,
-                            "descriptor")
+                            "descriptor", calibration)
         pooled, desc, ok = _extract_descriptors(
             cat, positions, mcfg.backbone, mcfg.image_size, pooled=True, augment_seed=augment_seed,
-            strength=strength, progress=progress, num_workers=num_workers)
+            strength=strength, progress=progress, num_workers=num_workers, calibration=calibration)
         cached_array(dkey, lambda: (desc, ok))
         return cached_array(key, lambda: (pooled, ok))
     return cached_array(key, lambda: _extract(cat, positions, mcfg, augment_seed=augment_seed,
                                               strength=strength, progress=progress,
-                                              num_workers=num_workers))
+                                              num_workers=num_workers, calibration=calibration))
 
 
 def item_activations(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *,
@@ -163,6 +248,7 @@ def item_activations(cat: Catalogue, positions: np.ndarray, mcfg: ModelConfig, *
     ``augment_seed``, drawn as :func:`item_features` draws them)."""
     from fashionhash.models.partial import extract_activations, tail_start
 
+    check_engine(mcfg)  # no int8 front: its activations would share the fp32 entries' keys
     positions = np.asarray(positions, dtype=np.int64)
     start = tail_start(mcfg.backbone, mcfg.train_from)
     # the block, not train_from: -1 and 15 of Lite0 share one entry
@@ -185,7 +271,8 @@ def item_inputs(cat: Catalogue, positions: np.ndarray, cfg: Config, *, augment_s
         return item_activations(cat, positions, cfg.model, augment_seed=augment_seed, strength=strength,
                                 progress=progress, num_workers=num_workers)
     return item_features(cat, positions, cfg.model, augment_seed=augment_seed, strength=strength,
-                         progress=progress, num_workers=num_workers, descriptors=descriptors)
+                         progress=progress, num_workers=num_workers, descriptors=descriptors,
+                         calibration=int8_calibration(cfg))
 
 
 def descriptor_scales(cfg: Config) -> list[int]:
@@ -227,17 +314,21 @@ def item_descriptors(cat: Catalogue, positions: np.ndarray, cfg: Config, *,
     scales: ``(n, D)`` float32 unit rows and ``(n,)`` ok mask."""
     positions = np.asarray(positions, dtype=np.int64)
     m = cfg.model
+    calibration = int8_calibration(cfg)
     per_scale, ok_all = [], np.ones(len(positions), bool)
     for size in descriptor_scales(cfg):
         if size == m.image_size:  # shares the pass with the pooled features when both are missing
             item_features(cat, positions, m, augment_seed=augment_seed, strength=strength,
-                          progress=progress, num_workers=num_workers, descriptors=True)
-        key = _feature_key(cat, positions, m.backbone, size, augment_seed, strength, "descriptor")
+                          progress=progress, num_workers=num_workers, descriptors=True,
+                          calibration=calibration)
+        key = _feature_key(cat, positions, m.backbone, size, augment_seed, strength, "descriptor",
+                           calibration)
 
         def compute(size: int = size) -> tuple[np.ndarray, np.ndarray]:
             _, desc, ok = _extract_descriptors(cat, positions, m.backbone, size, pooled=False,
                                                augment_seed=augment_seed, strength=strength,
-                                               progress=progress, num_workers=num_workers)
+                                               progress=progress, num_workers=num_workers,
+                                               calibration=calibration)
             return desc, ok
         desc, ok = cached_array(key, compute)
         per_scale.append(desc)
@@ -286,11 +377,13 @@ MODES = ("frozen", "partial", "finetune")
 
 def check_model_config(cfg: Config) -> None:
     """Refuse a model mode this run cannot train, before anything is written: an unknown
-    mode; in partial mode a backbone that is not EfficientNet-Lite, a block out of range, or
-    a method fitted in closed form (it has no gradient to give the tail)."""
+    mode or engine, ``model.engine=onnx_int8`` outside frozen mode (no int8 front for partial
+    mode's activations); in partial mode a backbone that is not EfficientNet-Lite, a block out
+    of range, or a method fitted in closed form (it has no gradient to give the tail)."""
     m = cfg.model
     if m.mode not in MODES:
         raise ValueError(f"model.mode is one of {', '.join(MODES)}, not {m.mode!r}")
+    check_engine(m)  # onnx_int8: frozen EfficientNet-Lite runs only
     if m.mode != "partial":
         return
     from fashionhash.models.partial import tail_start
@@ -359,16 +452,27 @@ class Run:
         out = [self.method.encode(x[i:i + batch].float().to(device)).cpu() for i in range(0, len(x), batch)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_bits), np.float32)
 
+    def _engine(self, engine: str | None) -> str:
+        """``engine`` or the run's; refuses mixing int8 and fp32: the catalogue's features
+        (the index) were made by one of them, and codes of the other differ in a few bits."""
+        own = self.cfg.model.engine
+        engine = engine or own
+        if (engine == "onnx_int8") != (own == "onnx_int8"):
+            raise ValueError(f"{self.path} was made with model.engine={own}: photos must be encoded with "
+                             f"{'onnx_int8' if own == 'onnx_int8' else 'onnx or torch'}, not {engine}")
+        return engine
+
     def encoder(self, engine: str | None = None) -> "FeatureExtractor":
-        """The whole encoder (photos -> relaxed codes ``(N, K)``) in ``engine`` (``"onnx"``
-        or ``"torch"``; default ``model.engine``), built once per engine and kept; see
-        :func:`fashionhash.models.encoder.build_encoder`."""
+        """The whole encoder (photos -> relaxed codes ``(N, K)``) in ``engine`` (``"onnx"``,
+        ``"torch"`` or, for int8 runs only, ``"onnx_int8"``; default ``model.engine``), built
+        once per engine and kept; see :func:`fashionhash.models.encoder.build_encoder`."""
         from fashionhash.models.encoder import build_encoder
 
-        engine = engine or self.cfg.model.engine
+        engine = self._engine(engine)
         with self._lock:  # the service may encode from several threads at once
             if engine not in self._encoders:
-                self._encoders[engine] = build_encoder(self.method, self.cfg.model, engine)
+                options = {"calibration": int8_calibration(self.cfg)} if engine == "onnx_int8" else {}
+                self._encoders[engine] = build_encoder(self.method, self.cfg.model, engine, **options)
             return self._encoders[engine]
 
     @functools.cached_property
@@ -388,12 +492,13 @@ class Run:
         descriptor scale photos -> raw descriptor."""
         from fashionhash.models.encoder import build_descriptor_encoders
 
-        engine = engine or self.cfg.model.engine
+        engine = self._engine(engine)
         with self._lock:
             key = ("descriptor", engine)
             if key not in self._encoders:
-                self._encoders[key] = build_descriptor_encoders(self.method, self.cfg.model, engine,
-                                                                 descriptor_scales(self.cfg))
+                self._encoders[key] = build_descriptor_encoders(
+                    self.method, self.cfg.model, engine, descriptor_scales(self.cfg),
+                    int8_calibration(self.cfg) if engine == "onnx_int8" else None)
             return self._encoders[key]
 
     def encode_two_stage(self, sources: Sequence, *, num_workers: int = 0,
@@ -446,7 +551,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     method.load_state_dict(state["method"])
     dev = resolve_device(device)
     method.to(dev).eval()
-    if dev.type == "cuda" and cfg.model.engine != "torch":
+    # int8 runs keep their engine on ONNX Runtime's CPU: fp32 codes would not match the index
+    if dev.type == "cuda" and cfg.model.engine == "onnx":
         log.info("%s on %s: photos are encoded with the torch engine", run_dir, dev)
         cfg.model.engine = "torch"
     meta = dict(meta, checkpoint=checkpoint, checkpoint_epoch=int(state.get("epoch", -1)))

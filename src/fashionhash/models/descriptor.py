@@ -69,10 +69,14 @@ class DescriptorNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         blocks = b.forward_blocks(x)
-        head_map = b.forward_head(blocks, len(b._blocks))
+        return self.embed_maps(blocks, b.forward_head(blocks, len(b._blocks)))
+
+    def embed_maps(self, blocks: torch.Tensor, head_map: torch.Tensor) -> torch.Tensor:
+        """The output from the last block's map ``(B, C, h, w)`` and the head map
+        ``(B, F, h, w)``: what follows the backbone, float32 in the int8 engine too."""
         parts = [_unit(gem(head_map)), _unit(gem(F.relu(blocks)))]
         if self.pooled:
-            pooled = b.pool(head_map)
+            pooled = self.backbone.pool(head_map)
             parts.insert(0, pooled if self.head is None else self.head.encode(pooled))
         return torch.cat(parts, dim=1)
 

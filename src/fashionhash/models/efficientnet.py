@@ -279,6 +279,11 @@ class EfficientNetLite(nn.Module):
         """Pooled features ``(B, 3, H, W) -> (B, 1280)``."""
         return self.pool(self.forward_features(x))
 
+    def embed_maps(self, blocks: torch.Tensor, head_map: torch.Tensor) -> torch.Tensor:
+        """:meth:`embed` from the maps the int8 engine computes (models/quantize.py):
+        ``head_map (B, 1280, h, w) -> (B, 1280)``; ``blocks`` unused."""
+        return self.pool(head_map)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``(B, 3, H, W) -> (B, num_classes)``."""
         return self._fc(self._dropout(self.embed(x)))

@@ -8,7 +8,7 @@ Built from the method and the model config alone (no run folder), so that the pi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from fashionhash.models.backbones import build_backbone
 from fashionhash.models.descriptor import DescriptorNet
 from fashionhash.models.device import device_of
 from fashionhash.models.features import Engine, FeatureExtractor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fashionhash.models.quantize import Calibration
 
 
 class EncoderNet(nn.Module):
@@ -36,14 +39,24 @@ class EncoderNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.encode(x if self.backbone is None else self.backbone.embed(x))
 
+    def embed_maps(self, blocks: torch.Tensor, head_map: torch.Tensor) -> torch.Tensor:
+        """The codes from the backbone's maps (int8 engine: the head stays float32)."""
+        if self.backbone is None:
+            raise ValueError("a finetune run's encoder has no separate backbone maps")
+        return self.method.encode(self.backbone.embed_maps(blocks, head_map))
 
-def build_encoder(method: nn.Module, m: ModelConfig, engine: Engine, **options) -> FeatureExtractor:
+
+def build_encoder(method: nn.Module, m: ModelConfig, engine: Engine, **options: Any) -> FeatureExtractor:
     """A run's whole encoder (its trained ``method``, model config ``m``) in ``engine`` as a
     ``FeatureExtractor`` whose "features" are relaxed codes: ``fx(photos) -> (real (N, K)
     float32, ok (N,) bool)``, with the same decoding (letterbox at ``model.image_size``) for
     both engines. ``options`` go to ``FeatureExtractor`` (``threads``, ``parallel_batches``,
-    ``channels_last``: on by default for the torch engine, the faster layout on CPU).
+    ``channels_last``: on by default for the torch engine, the faster layout on CPU;
+    ``calibration``: required by ``onnx_int8``, which frozen runs alone can use).
     Prefer ``run.encoder(engine)``, which builds it once."""
+    if engine == "onnx_int8" and m.mode != "frozen":
+        raise ValueError(f"engine onnx_int8 needs model.mode=frozen (a {m.mode} run's backbone is "
+                         "not quantized): use engine onnx or torch")
     front = _front(m)
     if front is not None:  # beside the trained head, on its device
         front.to(device_of(method))
@@ -65,11 +78,13 @@ def _front(m: ModelConfig) -> nn.Module | None:
 
 
 def build_descriptor_encoders(method: nn.Module, m: ModelConfig, engine: Engine,
-                              scales: Sequence[int]) -> list[FeatureExtractor]:
+                              scales: Sequence[int], calibration: "Calibration | None" = None,
+                              ) -> list[FeatureExtractor]:
     """Extractors for two-stage queries (frozen runs): at ``scales[0]`` (the model's size)
     photos -> ``[relaxed code | raw descriptor]``, at each other scale photos -> raw
     descriptor; see :meth:`fashionhash.pipeline.Run.encode_two_stage`."""
     backbone = build_backbone(m.backbone).to(device_of(method))
     nets = [DescriptorNet(backbone, head=method)] + [DescriptorNet(backbone) for _ in scales[1:]]
-    return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval())
+    return [FeatureExtractor(m.backbone, image_size=int(size), engine=engine, model=net.eval(),
+                             calibration=calibration)
             for size, net in zip(scales, nets)]

@@ -18,6 +18,10 @@ Engines:
   ``$FASHIONHASH_CACHE/onnx/`` (default ``~/.cache/fashionhash/onnx/``), keyed by backbone,
   input size and a hash of the weights and model code, and run with onnxruntime on CPU.
 * ``"torch"``: eager PyTorch (``inference_mode``); same numbers to ~1e-5.
+* ``"onnx_int8"``: the EfficientNet-Lite backbone's convolutions statically quantized to
+  int8 (calibrated on the photos given as ``calibration``), the pooling and whatever the
+  model puts after it in float32; see :mod:`fashionhash.models.quantize`. Not the same
+  numbers as fp32 (feature cosine ~0.99): caches and indexes keep the two apart.
 
 torch / onnxruntime are imported lazily so that decode workers start fast.
 """
@@ -47,6 +51,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
     from torch import nn
 
+    from .quantize import Calibration
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -59,7 +65,8 @@ __all__ = [
     "onnx_session",
 ]
 
-Engine = Literal["onnx", "torch"]
+Engine = Literal["onnx", "torch", "onnx_int8"]
+ENGINES: tuple[str, ...] = ("onnx", "torch", "onnx_int8")
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 
 # Part of the ONNX cache key (with the weights and the model / exporter source files).
@@ -178,8 +185,12 @@ def export_onnx(
     channels: int = 3,
     *,
     directory: str | os.PathLike | None = None,
+    output_names: Sequence[str] = ("features",),
 ) -> Path:
     """Export ``model.embed`` (``(B, C, S, S) -> (B, feat_dim)``, dynamic B) to ONNX, once.
+
+    ``output_names``: one name per output when ``embed`` returns a tuple of tensors (each
+    with a dynamic first axis), e.g. the feature maps the int8 engine quantizes.
 
     Returns the cached file if one with the same name/size/weights hash exists. The file
     is written to a temp name and renamed so concurrent processes never see half a file.
@@ -202,7 +213,7 @@ def export_onnx(
             super().__init__()
             self.inner = inner
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: "torch.Tensor") -> Any:
             return self.inner.embed(x)
 
     # The exporter restores the *wrapper's* train/eval mode recursively afterwards, which
@@ -224,17 +235,18 @@ def export_onnx(
                 tmp,
                 dynamo=False,  # TorchScript exporter: no onnxscript dependency
                 input_names=["input"],
-                output_names=["features"],
-                dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
+                output_names=list(output_names),
+                dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in output_names}},
                 opset_version=_ONNX_OPSET,
                 do_constant_folding=True,
             )
         _fold_pads_into_convs(tmp)
         x = torch.randn(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            ref = wrapper(x.to(device)).cpu().numpy()
-        got = _new_session(tmp, threads=1).run(None, {"input": x.numpy()})[0]
-        err = float(np.abs(got - ref).max())
+            ref = wrapper(x.to(device))
+        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        gots = _new_session(tmp, threads=1).run(None, {"input": x.numpy()})
+        err = max(float(np.abs(g - r.cpu().numpy()).max()) for g, r in zip(gots, refs))
         if err > 1e-3:
             raise RuntimeError(f"ONNX export of {name} differs from PyTorch by {err:.3g}")
         os.replace(tmp, path)
@@ -388,6 +400,9 @@ class FeatureExtractor:
 
     ``channels_last`` (torch engine): convert ``model`` to channels-last memory format, in
     place (same values; faster convolutions on CPU, benchmarks/bench_encode.py).
+
+    ``calibration`` (``onnx_int8`` engine, required there): the photos whose activations set
+    the int8 ranges, decoded like the inputs (:class:`fashionhash.models.quantize.Calibration`).
     """
 
     def __init__(
@@ -401,11 +416,14 @@ class FeatureExtractor:
         threads: int | None = None,
         parallel_batches: int | None = None,
         channels_last: bool = False,
+        calibration: "Calibration | None" = None,
     ) -> None:
         from .backbones import build_backbone, preprocessing_for
 
-        if engine not in ("onnx", "torch"):
-            raise ValueError(f"engine must be 'onnx' or 'torch', got {engine!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "onnx_int8" and calibration is None:
+            raise ValueError("engine onnx_int8 needs calibration photos (calibration=Calibration(...))")
         prep = preprocessing_for(backbone_name)
         self.backbone_name = backbone_name
         self.engine: Engine = engine
@@ -432,6 +450,22 @@ class FeatureExtractor:
         self.onnx_path: Path | None = None
         if engine == "onnx":
             self.onnx_path = export_onnx(self.model, backbone_name, self.image_size, self.channels)
+        elif engine == "onnx_int8":
+            from .quantize import int8_graph
+
+            assert calibration is not None
+            self.onnx_path = int8_graph(self.model, backbone_name, self.image_size, self.channels,
+                                        self.calibration_batch(calibration), calibration.tag,
+                                        calibration.float_tail, calibration.float_front)
+
+    def calibration_batch(self, calibration: "Calibration") -> np.ndarray:
+        """The calibration photos decoded and normalised like every input: float32
+        ``(n, C, S, S)`` (unreadable ones left out)."""
+        spec = _PrepSpec(self.image_size, self.channels, self.resize_mode, None, 1.0)
+        _, u8, ok, errors = _prepare_batch(list(calibration.photos), 0, spec)
+        if not ok.any():
+            raise ValueError(f"no readable calibration photo (first error: {errors[0] if errors else '-'})")
+        return self.normalise(u8[ok])
 
     def normalise(self, batch_u8: np.ndarray) -> np.ndarray:
         """uint8 ``(B, C, S, S)`` -> normalised float32 ``(B, C, S, S)``."""
@@ -590,9 +624,9 @@ def _make_pool(kind: str, workers: int) -> cf.Executor:
 
 @functools.lru_cache(maxsize=4)
 def _default_extractor(backbone_name: str, image_size: int | None, engine: str,
-                       resize_mode: str) -> FeatureExtractor:
+                       resize_mode: str, calibration: "Calibration | None" = None) -> FeatureExtractor:
     return FeatureExtractor(backbone_name, image_size=image_size, engine=engine,  # type: ignore[arg-type]
-                            resize_mode=resize_mode)
+                            resize_mode=resize_mode, calibration=calibration)
 
 
 def extract_features(
@@ -609,19 +643,20 @@ def extract_features(
     resize_mode: str = "letterbox",
     model: "nn.Module | None" = None,
     progress: Callable[[int], None] | None = None,
+    calibration: "Calibration | None" = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features of ``images`` (paths, bytes, PIL images or uint8 arrays).
 
     Returns ``(features (N, feat_dim) float32, ok (N,) bool)``; rows with ``ok=False``
     (unreadable input) are zero. ``image_size`` defaults to the backbone's native size.
     With ``model=None`` the registry's default (pretrained) backbone is used and the
-    extractor is cached per (backbone, size, engine, resize_mode).
+    extractor is cached per (backbone, size, engine, resize_mode, calibration).
     See :class:`FeatureExtractor` for the other arguments.
     """
     if model is None:
-        fx = _default_extractor(backbone_name, image_size, engine, resize_mode)
+        fx = _default_extractor(backbone_name, image_size, engine, resize_mode, calibration)
     else:
         fx = FeatureExtractor(backbone_name, image_size=image_size, engine=engine,
-                              model=model, resize_mode=resize_mode)
+                              model=model, resize_mode=resize_mode, calibration=calibration)
     return fx(images, batch_size=batch_size, num_workers=num_workers, executor=executor,
               augment_seed=augment_seed, augment_strength=augment_strength, progress=progress)

@@ -13,7 +13,7 @@ import numpy as np
 
 from fashionhash.config import Config, load_config
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
-from fashionhash.pipeline import DAMAGED_SEED, VIEW_SEED, item_features, open_data
+from fashionhash.pipeline import DAMAGED_SEED, VIEW_SEED, int8_calibration, item_features, open_data
 from fashionhash.table.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Data:
         """``(N, F)`` backbone features of catalogue positions (from the cache) and their ok mask."""
         return item_features(self.cat, pos, self.cfg.model, augment_seed=augment_seed,
                              strength=self.cfg.data.augment_strength if augment_seed is not None else 1.0,
-                             num_workers=self.cfg.train.num_workers)
+                             num_workers=self.cfg.train.num_workers, calibration=int8_calibration(self.cfg))
 
 
 def open_dataset(plan: Plan, runs: Path, n_views: int) -> Data:
@@ -131,11 +131,12 @@ def backbone_ms_per_photo(d: Data) -> float:
     m = d.cfg.model
     sources = d.cat.sources()
     paths = [sources[i] for i in d.pos_q[:288]]
+    cal = int8_calibration(d.cfg)
     extract_features(paths[:32], m.backbone, image_size=m.image_size, engine=m.engine,
-                     num_workers=d.cfg.train.num_workers)  # warm-up: sessions, worker pool
+                     num_workers=d.cfg.train.num_workers, calibration=cal)  # warm-up: sessions, worker pool
     t0 = time.time()
     extract_features(paths[32:], m.backbone, image_size=m.image_size, engine=m.engine,
-                     num_workers=d.cfg.train.num_workers)
+                     num_workers=d.cfg.train.num_workers, calibration=cal)
     ms = 1000 * (time.time() - t0) / max(1, len(paths) - 32)
     write_json(d.runs / "backbone_timing.json", {"ms_per_photo": ms, "n": len(paths) - 32,
                                                  "load": os.getloadavg()})

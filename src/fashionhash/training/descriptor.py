@@ -28,8 +28,8 @@ from fashionhash.descriptors import Whitening
 from fashionhash.evaluation.two_stage import (SHORTLISTS, SIGN_BITS, choose_shortlist, descriptor_only_hits,
                                               shortlist_codes, two_stage_hits)
 from fashionhash.losses.core import ItemContrastLoss
-from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, item_descriptors, item_features, load_run,
-                                  open_data, save_descriptor)
+from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, int8_calibration, item_descriptors, item_features,
+                                  load_run, open_data, save_descriptor)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def fit_descriptor(run_dir: str | Path, *, phase: PhaseFactory | None = None) ->
 
     def codes(positions, seed=None):
         feats, ok = item_features(cat, positions, cfg.model, augment_seed=seed,
-                                  strength=cfg.data.augment_strength, num_workers=workers)
+                                  strength=cfg.data.augment_strength, num_workers=workers,
+                                  calibration=int8_calibration(cfg))
         return C.pack(run.codes_from_inputs(feats)), ok
 
     pos_db, pos_val = cat.positions(split.database), cat.positions(split.val)
