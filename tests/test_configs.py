@@ -25,4 +25,4 @@ def test_shipped_config_is_valid(path):
 
 def test_the_demo_searches_in_two_stages():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    assert cfg.descriptor.kind == "gem" and cfg.method.name == "adversarial"
+    assert cfg.descriptor.kind == "gem" and cfg.method.name == "csq"

@@ -19,7 +19,7 @@ from fashionhash.pipeline import build_method, image_array, item_activations, lo
 
 ARGS = ["--config", "configs/demo.yaml", "data.n_query=20", "data.n_val=12", "data.min_per_class=5",
         "data.n_damaged=10", "data.n_views=1", "model.image_size=64", "model.n_bits=16",
-        "model.hidden=64", "model.mode=partial", "model.train_from=-1", "train.batch_size=32",
+        "model.hidden=64", "model.mode=partial", "model.engine=onnx", "model.train_from=-1", "train.batch_size=32",
         "train.num_workers=0", "train.threads=1", "descriptor.kind=none"]
 
 
@@ -142,7 +142,7 @@ def test_exported_graph_is_the_composed_network(partial_run, tmp_path, capsys):
 
 def test_activation_cache_keys(tiny_kaggle):
     cfg = load_config("configs/demo.yaml", [f"data.root={tiny_kaggle}", "model.image_size=64",
-                                            "model.mode=partial"])
+                                            "model.mode=partial", "model.engine=onnx"])
     cat, _ = open_data(cfg)
     pos = np.arange(4)
     last, _ = item_activations(cat, pos, cfg.model, num_workers=0)

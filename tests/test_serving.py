@@ -206,7 +206,7 @@ def test_health_stats_facets_and_page(client, tiny_run):
     assert client.get("/health").json() == {"status": "ok", "items": 160}
     s = client.get("/stats").json()
     assert (s["items"], s["n_bits"], s["backend"]) == (160, 32, "mih")
-    assert s["run"]["path"] == str(tiny_run) and s["run"]["method"] == "adversarial"
+    assert s["run"]["path"] == str(tiny_run) and s["run"]["method"] == "csq"
     assert s["index_path"] == "index"  # the name only: the server's folders are not the client's business
     assert s["writes_enabled"] is True and "articleType" in s["filter_keys"]
     f = client.get("/facets").json()
