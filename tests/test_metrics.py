@@ -478,3 +478,15 @@ def test_plot_pr_curves(tmp_path):
     path = tmp_path / "pr.png"
     M.plot_pr_curves({"toy": (p, r), "other": (p[::-1], r)}, path, "toy curves")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("n_bits", [8, 24, 64, 128, 192])
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_hamming_matches_bit_by_bit(n_bits, chunk):
+    """codes.hamming (word-wise, blocks of query rows) against counting differing bits."""
+    rng = np.random.default_rng(n_bits)
+    a = np.where(rng.random((13, n_bits)) < 0.5, -1.0, 1.0)
+    b = np.where(rng.random((29, n_bits)) < 0.5, -1.0, 1.0)
+    slow = (a[:, None, :] != b[None, :, :]).sum(axis=2)
+    got = codes.hamming(codes.pack(a), codes.pack(b), chunk=chunk)
+    assert got.dtype == np.uint16 and np.array_equal(got, slow)

@@ -84,10 +84,13 @@ def check_packed(packed: np.ndarray, n_bits: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
-def hamming(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def hamming(a: np.ndarray, b: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """All-pairs Hamming distances: packed ``(Q, B)`` x packed ``(N, B)`` -> ``(Q, N)`` uint16.
 
-    Works on 64-bit words when the width allows it (8x fewer popcounts than bytes).
+    Works on 64-bit words when the width allows it (8x fewer popcounts than bytes), one word
+    at a time over blocks of ``chunk`` query rows (default: ~2M pairs) so that the XOR
+    temporaries stay a few MB: a ``(rows, N, words)`` temporary made 1,000 x 42,003 val
+    distances 9x (64 bits) to 17x (128 bits) slower.
     """
     a = check_packed(a)
     b = check_packed(b)
@@ -98,10 +101,13 @@ def hamming(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
         a_w, b_w = a.view(np.uint64), b.view(np.uint64)
     else:
         a_w, b_w = a, b
-    out = np.empty((a.shape[0], b.shape[0]), dtype=np.uint16)
-    for start in range(0, a.shape[0], chunk):
-        x = a_w[start : start + chunk, None, :] ^ b_w[None, :, :]
-        out[start : start + chunk] = np.bitwise_count(x).sum(axis=2, dtype=np.uint16)
+    b_cols = np.ascontiguousarray(b_w.T)  # (words, N): each word's column read contiguously
+    out = np.zeros((a.shape[0], b.shape[0]), dtype=np.uint16)
+    rows = chunk or max(1, (1 << 21) // max(1, b.shape[0]))
+    for start in range(0, a.shape[0], rows):
+        block = out[start : start + rows]
+        for w in range(a_w.shape[1]):
+            block += np.bitwise_count(a_w[start : start + rows, w, None] ^ b_cols[w][None, :])
     return out
 
 
