@@ -407,7 +407,7 @@ def test_shallow_methods_refuse_finetune_mode(name, synthetic_fmnist, tmp_path, 
 
 
 def _stub_features(sources, backbone, *, image_size, engine, augment_seed=None, augment_strength=1.0,
-                   progress=None, num_workers=0):
+                   progress=None, num_workers=0, calibration=None):
     """Stand-in for ``models.features.extract_features`` on Fashion-MNIST-shaped arrays: a
     fixed random projection of the pixels to the small CNN's 256 dimensions (+ noise for
     augmented copies), so frozen mode runs without a pretrained backbone."""
@@ -429,8 +429,11 @@ def test_frozen_mode_with_stub_features(name, synthetic_fmnist, tmp_path, _repo_
 
     from fashionhash.cli import main
 
+    from fashionhash.models import features as real
+
     stub = types.ModuleType("fashionhash.models.features")
     stub.extract_features = _stub_features
+    stub.ENGINES = real.ENGINES  # what the pre-training checks read
     monkeypatch.setitem(sys.modules, "fashionhash.models.features", stub)
     monkeypatch.setenv("FASHIONHASH_CACHE", str(tmp_path / "cache"))  # stub features stay here
     run = tmp_path / name
