@@ -244,10 +244,11 @@ def test_page_urls_and_back_button(server, browser, tiny_index, tmp_path):  # no
     # the URL alone opens the item: a shared link or a bookmark, in a new tab
     other = browser.new_page(viewport={"width": 1360, "height": 900})
     other.set_default_timeout(TIMEOUT_MS)
-    other.goto(f"{server}/?item={nb_id}")
-    _kind_is(other, f"Item {nb_id}")
+    # (an item of the grid's first page, so that its card there is marked too)
+    other.goto(f"{server}/?item={item_id}")
+    _kind_is(other, f"Item {item_id}")
     other.wait_for_selector("#results .card .dist")
-    other.wait_for_selector(f"#grid .card.selected[data-id='{nb_id}']")
+    other.wait_for_selector(f"#grid .card.selected[data-id='{item_id}']")
     other.screenshot(path=str(tmp_path / "shared-link.png"))
 
     # a photo is not kept across a reload: its entry then shows the catalogue, never another photo
@@ -263,7 +264,7 @@ def test_page_urls_and_back_button(server, browser, tiny_index, tmp_path):  # no
     other.go_back()
     other.wait_for_selector("#panel", state="hidden")
     other.go_back()
-    _kind_is(other, f"Item {nb_id}")
+    _kind_is(other, f"Item {item_id}")
 
     # a link to an item that is not there: a message, the catalogue, no panel
     for bad, message in (("999999", "no item with id 999999"), ("shoes", "not an item id")):
