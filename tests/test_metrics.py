@@ -285,9 +285,10 @@ def test_tie_aware_metrics_against_reference(seed):
 def test_ndcg_against_reference(seed):
     _, dist, rel, gains = _random_case(seed)
     q, n = dist.shape
-    for g in (gains, rel.astype(float)):
+    # float, 0/1, boolean and few integer levels (many ties among the gains)
+    for g in (gains, rel.astype(float), rel, np.round(gains * 3).astype(np.int64)):
         for k in (1, 3, 10, n, 2 * n):
-            vals = [_ref_ndcg(dist[i], g[i], min(k, n)) for i in range(q)]
+            vals = [_ref_ndcg(dist[i], g[i].astype(float), min(k, n)) for i in range(q)]
             assert M.ndcg_at_k(dist, g, k) == pytest.approx(np.mean(vals))
             has = [v for i, v in enumerate(vals) if g[i].max() > 0]
             assert M.ndcg_at_k(dist, g, k, exclude_empty=True) == pytest.approx(np.mean(has))

@@ -233,6 +233,17 @@ def _idcg(gains: np.ndarray, k: int) -> np.ndarray:
     n = gains.shape[1]
     k = min(k, n)
     g = gains.astype(np.float32, copy=False) if gains.dtype == np.bool_ else gains
+    if k <= 32 and k < n:
+        # k row maxima, one at a time: partition degrades on rows of few distinct gains
+        # (graded gains: 1,000 x 42,003 took 3.5 s against 0.2 s this way)
+        work = g.astype(g.dtype if g.dtype.kind == "f" else np.float64, copy=True)
+        rows = np.arange(g.shape[0])
+        top = np.empty((g.shape[0], k), dtype=np.float64)
+        for j in range(k):
+            at = work.argmax(axis=1)
+            top[:, j] = work[rows, at]
+            work[rows, at] = -np.inf
+        return top @ _discounts(k)
     # Partition so the k largest sit at the end (no negated copy of the whole block).
     top = np.partition(g, n - k, axis=1)[:, n - k :] if k < n else g
     top = np.sort(top, axis=1)[:, ::-1].astype(np.float64)
