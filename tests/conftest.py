@@ -104,3 +104,15 @@ def milvus_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def assert_same_last_checkpoint(a_run: Path, b_run: Path) -> None:
+    """The two runs' last checkpoints hold equal weights (a resumed run against an
+    uninterrupted one)."""
+    import torch
+
+    a = torch.load(a_run / "checkpoints/last.pt", weights_only=False)["method"]
+    b = torch.load(b_run / "checkpoints/last.pt", weights_only=False)["method"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -16,6 +16,7 @@ from fashionhash.cli import main
 from fashionhash.config import load_config
 from fashionhash.models.backbones import build_backbone
 from fashionhash.pipeline import build_method, image_array, item_activations, load_run, open_data
+from conftest import assert_same_last_checkpoint
 
 ARGS = ["--config", "configs/demo.yaml", "data.n_query=20", "data.n_val=12", "data.min_per_class=5",
         "data.n_damaged=10", "data.n_views=1", "model.image_size=64", "model.n_bits=16",
@@ -75,11 +76,7 @@ def test_resume_equals_uninterrupted(tiny_kaggle, tmp_path):
     assert _train(tiny_kaggle, full, "train.epochs=2") == 0
     assert _train(tiny_kaggle, part, "train.epochs=1") == 0
     assert main(["train", "--run-dir", str(part), "--resume", "--quiet", "train.epochs=2"]) == 0
-    a = torch.load(full / "checkpoints/last.pt", weights_only=False)["method"]
-    b = torch.load(part / "checkpoints/last.pt", weights_only=False)["method"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_last_checkpoint(full, part)
 
 
 def _reference_codes(run, photos: list[str]) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 from fashionhash.cli import main
 from fashionhash.config import load_config
 from fashionhash.training import TrainingDiverged, train
+from conftest import assert_same_last_checkpoint
 
 FM_ARGS = ["data.n_query=40", "data.n_val=30", "data.min_per_class=1", "data.n_damaged=20",
            "train.num_workers=0", "train.batch_size=64", "model.n_bits=16", "model.hidden=64"]
@@ -60,11 +61,7 @@ def test_resume_after_kill_equals_uninterrupted(synthetic_fmnist, tmp_path):
     assert main(["train", "--run-dir", str(part), "--quiet", *_fm(synthetic_fmnist, "train.epochs=1")]) == 0
     # "kill" after epoch 1, then resume with the longer schedule
     assert main(["train", "--run-dir", str(part), "--resume", "--quiet", "train.epochs=2"]) == 0
-    a = torch.load(full / "checkpoints/last.pt", weights_only=False)["method"]
-    b = torch.load(part / "checkpoints/last.pt", weights_only=False)["method"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_last_checkpoint(full, part)
 
 
 def test_val_same_product_scores():

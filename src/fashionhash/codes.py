@@ -101,13 +101,12 @@ def hamming(a: np.ndarray, b: np.ndarray, chunk: int | None = None) -> np.ndarra
         a_w, b_w = a.view(np.uint64), b.view(np.uint64)
     else:
         a_w, b_w = a, b
-    b_cols = np.ascontiguousarray(b_w.T)  # (words, N): each word's column read contiguously
     out = np.zeros((a.shape[0], b.shape[0]), dtype=np.uint16)
     rows = chunk or max(1, (1 << 21) // max(1, b.shape[0]))
     for start in range(0, a.shape[0], rows):
         block = out[start : start + rows]
         for w in range(a_w.shape[1]):
-            block += np.bitwise_count(a_w[start : start + rows, w, None] ^ b_cols[w][None, :])
+            block += np.bitwise_count(a_w[start : start + rows, w, None] ^ b_w[None, :, w])
     return out
 
 

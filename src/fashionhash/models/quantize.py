@@ -161,6 +161,17 @@ def _replace_atomically(folder: Path, path: Path, write: Any) -> Path:
     return path
 
 
+def _names_and_first_of_block(graph: Any, block: int) -> tuple[list[str], int]:
+    """The node names of the exported trunk ``graph`` (topological order) and the index of
+    the first node of block ``block``; ValueError when no node of that block is found."""
+    marker = f"_blocks.{block}/"
+    names = [n.name for n in graph.node]
+    first = next((i for i, n in enumerate(names) if marker in n), None)
+    if first is None:
+        raise ValueError(f"no node of block {block} ({marker!r}) in the exported trunk")
+    return names, first
+
+
 def float_tail_nodes(graph: Any, n_blocks: int, float_tail: int) -> list[str]:
     """Names of the nodes of the exported trunk ``graph`` (an ``onnx.GraphProto``, nodes in
     topological order) that ``float_tail`` keeps float32: every node from the first one of
@@ -170,11 +181,7 @@ def float_tail_nodes(graph: Any, n_blocks: int, float_tail: int) -> list[str]:
         return []
     if not 0 < float_tail <= n_blocks:
         raise ValueError(f"int8 float_tail={float_tail}: the trunk has {n_blocks} blocks")
-    marker = f"_blocks.{n_blocks - float_tail}/"
-    names = [n.name for n in graph.node]
-    first = next((i for i, n in enumerate(names) if marker in n), None)
-    if first is None:
-        raise ValueError(f"no node of block {n_blocks - float_tail} ({marker!r}) in the exported trunk")
+    names, first = _names_and_first_of_block(graph, n_blocks - float_tail)
     return names[first:]
 
 
@@ -186,11 +193,7 @@ def float_front_nodes(graph: Any, n_blocks: int, float_front: int) -> list[str]:
         return []
     if not 0 < float_front < n_blocks:
         raise ValueError(f"int8 float_front={float_front}: the trunk has {n_blocks} blocks (keep < {n_blocks})")
-    marker = f"_blocks.{float_front}/"
-    names = [n.name for n in graph.node]
-    first = next((i for i, n in enumerate(names) if marker in n), None)
-    if first is None:
-        raise ValueError(f"no node of block {float_front} ({marker!r}) in the exported trunk")
+    names, first = _names_and_first_of_block(graph, float_front)
     return names[:first]
 
 
