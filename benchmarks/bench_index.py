@@ -374,6 +374,12 @@ def fmt_qps(cell):
     return f"{qps} ({cell['recall']:.3f}){mark}"
 
 
+def _load_note(meta) -> str:
+    # The 1-minute load average before the run says whether the figures are quiet-core ones.
+    quiet = float(meta["load_before"].split()[0]) < 1.0
+    return "quiet cores" if quiet else "other jobs share this machine"
+
+
 def markdown(rows, meta) -> str:
     lines = [
         "# Hamming index benchmark",
@@ -381,7 +387,7 @@ def markdown(rows, meta) -> str:
         f"`{meta['command']}` — {meta['n']:,} codes of {N_BITS} bits, {meta['queries']:,} queries, "
         f"{meta['cpus']} CPUs ({meta['machine']}), fashionhash kernels: {meta['kernel']}, "
         f"{meta['threads']} search threads; faiss {meta['faiss']}, numpy {meta['numpy']}.",
-        f"Load average before/after: {meta['load_before']} / {meta['load_after']} (other jobs share this machine).",
+        f"Load average before/after: {meta['load_before']} / {meta['load_after']} ({_load_note(meta)}).",
         "",
         "Cells: queries/s (recall). Recall is tie-aware; `*` = recall 1 but a different order among "
         "equidistant items than (distance, id). Unmarked recall-1.000 cells from fashionhash are "
@@ -444,8 +450,8 @@ def markdown(rows, meta) -> str:
         "",
         "Ratios use the faster of faiss IndexBinaryFlat with its default threads and with 1 thread."
         + ("" if meta["n"] >= 1_000_000 else " Informational only: the targets are stated for 1M codes.")
-        + " The CPUs were shared with other jobs (load average above): absolute q/s are low and vary "
-        "between runs; the ratios compare methods measured one after the other in the same run.",
+        + " Absolute q/s vary between runs with the load (above); the ratios compare methods "
+        "measured one after the other in the same run.",
         "",
     ]
     lines += [f"- {t}" for t in meta["targets"]]
