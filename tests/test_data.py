@@ -2,6 +2,7 @@
 import csv
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -29,18 +30,24 @@ def test_tiny_catalogue_skips_quirks(tiny_kaggle, caplog):
     assert "1 rows without an image file" in msg and "1 rows with no articleType" in msg
 
 
-def test_cache_fingerprint_ignores_how_the_root_is_spelled(tiny_kaggle, tmp_path, monkeypatch):
+def test_cache_fingerprint_is_the_photos_content(tiny_kaggle, tmp_path, monkeypatch):
     absolute = read_kaggle(tiny_kaggle).fingerprint()
     monkeypatch.chdir(tiny_kaggle.parent)
     assert read_kaggle(tiny_kaggle.name).fingerprint() == absolute
-    # ...but not what the photos are: a touched file gives another key
-    photo = next((tiny_kaggle / "images").glob("*.jpg"))
+    # a copy elsewhere (new paths and times) and a touched file keep the key: a remount or a
+    # `cp -r` of the catalogue reuses its cached features
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_kaggle, copy)
+    assert read_kaggle(copy).fingerprint() == absolute
+    photo = next((copy / "images").glob("*.jpg"))
     st = photo.stat()
     os.utime(photo, (st.st_atime, st.st_mtime + 10))
-    try:
-        assert read_kaggle(tiny_kaggle).fingerprint() != absolute
-    finally:
-        os.utime(photo, (st.st_atime, st.st_mtime))
+    assert read_kaggle(copy).fingerprint() == absolute
+    # ...but not what the photos are: other bytes give another key
+    photo.write_bytes(photo.read_bytes() + b"\0")
+    assert read_kaggle(copy).fingerprint() != absolute
+    photo.unlink()
+    assert read_kaggle(copy).fingerprint() != absolute
 
 
 def test_manifest(tiny_kaggle, tmp_path, caplog):

@@ -68,6 +68,32 @@ def cache_dir() -> Path:
     return path
 
 
+#: per process: digest of (path, size, mtime) of every photo -> digest of their bytes
+_CONTENT_DIGESTS: dict[str, str] = {}
+
+
+def _content_digest(paths: Sequence[str]) -> str:
+    """Digest of the photos' bytes in order (a missing file counts as missing), read once
+    per process for the same files as a stat sees them (44k catalogue photos: ~2 s)."""
+    stats = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            stats.update(f"{p}|missing\n".encode())
+    key = stats.hexdigest()
+    if key not in _CONTENT_DIGESTS:
+        h = hashlib.sha256()
+        for p in paths:
+            try:
+                h.update(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest())
+            except OSError:
+                h.update(b"missing")
+        _CONTENT_DIGESTS[key] = h.hexdigest()
+    return _CONTENT_DIGESTS[key]
+
+
 @dataclass
 class Catalogue:
     """Items of a catalogue. Either ``paths`` (image files) or ``pixels`` is set.
@@ -166,20 +192,15 @@ class Catalogue:
         return found
 
     def fingerprint(self) -> str:
-        """Content key for caches: ids, image sources (path, size, mtime) or pixel bytes.
-        The readers store absolute paths, so ``--data ../shared/...`` and its absolute
-        spelling share a cache."""
+        """Content key for caches: ids and the photos' bytes (or the pixel bytes). Not their
+        paths or times: a copy or a remount of the catalogue (new mtimes) keeps its cached
+        features, a changed photo does not."""
         h = hashlib.sha256(self.name.encode())
         h.update(self.ids.tobytes())
         if self.pixels is not None:
             h.update(np.ascontiguousarray(self.pixels).tobytes())
         else:
-            for p in self.paths:
-                try:
-                    st = os.stat(p)
-                    h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
-                except OSError:
-                    h.update(f"{p}|missing".encode())
+            h.update(_content_digest(self.paths).encode())
         return h.hexdigest()[:16]
 
     def metadata(self, i: int) -> dict:
