@@ -270,7 +270,7 @@ def _cmd_table(args) -> int:
         quick=args.quick, jobs=args.jobs, runs=runs,
         out=args.out or (runs / "results" if args.quick else Path("benchmarks/results")),
         readme=args.readme, data=args.data, fmnist=args.fmnist,
-        command="fashionhash " + " ".join(args.argv))
+        command="fashionhash " + " ".join(args.argv), progress=_Bars().phase)
     # the library logs its progress at INFO; the trainers and evaluations run in child
     # processes (--jobs > 1) or would drown it, so only the table's own lines are shown
     loggers = [logging.getLogger("fashionhash"), logging.getLogger("fashionhash.table")]

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 Progress = Callable[[int], None]
+#: (phase name, total) -> its progress callback or None: what the CLI's bars provide
+PhaseFactory = Callable[[str, int], "Progress | None"]
 PARTS = ("train", "val", "query")
 #: seeds of the augmentation streams: training views, damaged test-query and val copies differ
 VIEW_SEED, DAMAGED_SEED, VAL_DAMAGED_SEED = 1_000, 9_000, 9_500

@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -20,11 +19,10 @@ from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_
                                             rerank_key, same_item_topk)
 from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, shortlist_codes,
                                               two_stage_hits, two_stage_topk)
-from fashionhash.pipeline import DAMAGED_SEED, item_descriptors, item_inputs, load_run, open_data
+from fashionhash.pipeline import DAMAGED_SEED, PhaseFactory, item_descriptors, item_inputs, load_run, open_data
 
 log = logging.getLogger(__name__)
 
-PhaseFactory = Callable[[str, int], Callable[[int], None] | None]
 
 
 def _encode_items(run, cat, positions, *, augment_seed=None, strength=1.0, phase=None, label=""):

@@ -48,7 +48,7 @@ def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[s
                      "(the item-level term needs augmented views, which this plan leaves out).")
         labels = [x for x in labels if x not in plan.skip]
     views = max((1 for x in labels if "data.n_views=1" in VARIANTS[x][1]), default=0)
-    d = timer("prepare (split, features)", open_dataset, plan, opts.runs, views)
+    d = timer("prepare (split, features)", open_dataset, plan, opts.runs, views, opts.progress)
     # said once here: every run re-opens the catalogue and would repeat its warnings
     logging.getLogger("fashionhash.data.catalogue").setLevel(logging.ERROR)
     top = max(bits_list)

@@ -13,7 +13,8 @@ import numpy as np
 
 from fashionhash.config import Config, load_config
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
-from fashionhash.pipeline import DAMAGED_SEED, VIEW_SEED, int8_calibration, item_features, open_data
+from fashionhash.files import atomic_write
+from fashionhash.pipeline import DAMAGED_SEED, VIEW_SEED, PhaseFactory, int8_calibration, item_features, open_data
 from fashionhash.table.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, [json.dumps(obj, indent=1).encode()])
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -57,6 +56,7 @@ class Data:
     pos_db: np.ndarray = None
     pos_dam: np.ndarray = None
     backbone_ms: float = 0.0  # per photo (decode + resize + backbone)
+    phase: PhaseFactory | None = None  # progress of the feature computation (the CLI's bars)
 
     def attrs(self, pos: np.ndarray) -> dict:
         return {k: self.cat.attrs[k][pos] for k in self.keys}
@@ -64,17 +64,19 @@ class Data:
     def labels(self, pos: np.ndarray) -> np.ndarray:
         return self.cat.labels[pos]
 
-    def features(self, pos: np.ndarray, augment_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def features(self, pos: np.ndarray, augment_seed: int | None = None,
+                 label: str = "features") -> tuple[np.ndarray, np.ndarray]:
         """``(N, F)`` backbone features of catalogue positions (from the cache) and their ok mask."""
         return item_features(self.cat, pos, self.cfg.model, augment_seed=augment_seed,
                              strength=self.cfg.data.augment_strength if augment_seed is not None else 1.0,
-                             num_workers=self.cfg.train.num_workers, calibration=int8_calibration(self.cfg))
+                             num_workers=self.cfg.train.num_workers, calibration=int8_calibration(self.cfg),
+                             progress=self.phase(f"{self.plan.key} {label}", len(pos)) if self.phase else None)
 
 
-def open_dataset(plan: Plan, runs: Path, n_views: int) -> Data:
+def open_dataset(plan: Plan, runs: Path, n_views: int, phase: PhaseFactory | None = None) -> Data:
     """Open ``plan``'s dataset under ``runs``: the split (written once, reused after) and
     every cached feature array the runs need (``n_views`` augmented views of the training
-    items), computed once up front."""
+    items), computed once up front (``phase``: progress bars for those computed)."""
     cfg = load_config(plan.config, plan.overrides)
     if cfg.model.mode != "frozen":  # every row reads the same cached features
         raise ValueError(f"{plan.key}: the table runs on frozen backbone features, not {cfg.model.mode!r}")
@@ -94,7 +96,7 @@ def open_dataset(plan: Plan, runs: Path, n_views: int) -> Data:
              "reused" if existed else "written", split_path, len(split.query), len(split.val),
              len(split.database), len(split.protocol["classes"]))
     keys = tuple(k for k in GRADED_ATTRIBUTES if k in cat.attrs)
-    d = Data(plan, cfg, ds_dir, split_path, cat, split, keys)
+    d = Data(plan, cfg, ds_dir, split_path, cat, split, keys, phase=phase)
     t0 = time.time()
     _cache_features(d, n_views)
     log.info("%s: backbone features ready in %.0fs (cached in the feature cache)", plan.key, time.time() - t0)
@@ -108,15 +110,16 @@ def _cache_features(d: Data, n_views: int) -> None:
     taking the damaged copies: the same here)."""
     split = d.split
     train = d.cat.positions(split.train)
-    d.features(train)
-    d.features(d.cat.positions(split.val))
+    d.features(train, label="features train")
+    d.features(d.cat.positions(split.val), label="features val")
     for v in range(n_views):
-        d.features(train, augment_seed=VIEW_SEED + v)
+        d.features(train, augment_seed=VIEW_SEED + v, label=f"features view {v + 1}")
     pos_q, pos_db = d.cat.positions(split.query), d.cat.positions(split.database)
-    d.pos_q, d.pos_db = pos_q[d.features(pos_q)[1]], pos_db[d.features(pos_db)[1]]
+    d.pos_q = pos_q[d.features(pos_q, label="features queries")[1]]
+    d.pos_db = pos_db[d.features(pos_db, label="features database")[1]]
     d.pos_dam = d.pos_q[:min(d.cfg.data.n_damaged, len(d.pos_q))]
     if len(d.pos_dam):
-        d.features(d.pos_dam, augment_seed=DAMAGED_SEED)
+        d.features(d.pos_dam, augment_seed=DAMAGED_SEED, label="features damaged queries")
 
 
 def backbone_ms_per_photo(d: Data) -> float:

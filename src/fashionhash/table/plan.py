@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fashionhash.data.catalogue import default_data_root
+
+if TYPE_CHECKING:
+    from fashionhash.pipeline import PhaseFactory
 
 #: label -> (registered method, overrides, row name). Order = row order of the table.
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
@@ -74,6 +78,7 @@ class TableOptions:
     fmnist: str | None = None
     configs: Path = Path(__file__).resolve().parents[3] / "configs"  # the source tree's
     command: str = ""  # how the table was asked for, written above it
+    progress: "PhaseFactory | None" = None  # bars of the feature computation (the CLI's)
 
 
 @dataclass

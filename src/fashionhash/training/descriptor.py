@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,12 +27,11 @@ from fashionhash.descriptors import Whitening
 from fashionhash.evaluation.two_stage import (SHORTLISTS, SIGN_BITS, choose_shortlist, descriptor_only_hits,
                                               shortlist_codes, two_stage_hits)
 from fashionhash.losses.core import ItemContrastLoss
-from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, int8_calibration, item_descriptors, item_features,
-                                  load_run, open_data, save_descriptor)
+from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, PhaseFactory, int8_calibration, item_descriptors,
+                                  item_features, load_run, open_data, save_descriptor)
 
 log = logging.getLogger(__name__)
 
-PhaseFactory = Callable[[str, int], "Callable[[int], None] | None"]
 
 
 def learn_projection(start: Whitening, views: list[np.ndarray], *, epochs: int, tau: float = 0.05,
