@@ -1,12 +1,13 @@
-"""Durable file writes shared by the index, the batch encoder and the ONNX export: a file
-appears whole (temporary file, fsync, rename) or not at all, so a killed process never
-leaves a half-written one behind."""
+"""Durable file writes shared by the index, the batch encoder, the ONNX export and the int8
+quantizer: a file appears whole (temporary file, rename) or not at all, so a killed process
+never leaves a half-written one behind and concurrent processes never read half a file."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,3 +36,22 @@ def atomic_write(path: str | os.PathLike, chunks) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``
+    (for writers that take a file name, e.g. ONNX export and quantization); ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+    return path

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionhash.data.catalogue import Catalogue
+from fashionhash.files import atomic_write
 
 log = logging.getLogger(__name__)
 #: the protocol's sizes, and the cap of the sizes scaled with a small catalogue
@@ -46,9 +47,7 @@ class Split:
     def save(self, path: str | os.PathLike) -> None:
         data = {k: np.asarray(getattr(self, k)).tolist() for k in ("train", "val", "query", "database")}
         data["protocol"] = self.protocol
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        atomic_write(path, [json.dumps(data).encode()])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Split":

@@ -34,7 +34,6 @@ import inspect
 import logging
 import multiprocessing as mp
 import os
-import tempfile
 import time
 import warnings
 from collections import deque
@@ -46,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from fashionhash.data.transforms import ImageError, augment, load_image, resize_square, to_rgb
+from fashionhash.files import write_via_temp
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime as ort
@@ -222,9 +222,7 @@ def export_onnx(
     wrapper = _Embed(model).eval()
     device = next(model.parameters()).device
     dummy = torch.zeros(2, channels, image_size, image_size, device=device)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=folder)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with warnings.catch_warnings():
             # Tracer warnings about the SAME-padding sizes are expected: the graph is
             # exported per input size, so those sizes are constants by design.
@@ -249,12 +247,12 @@ def export_onnx(
         err = max(float(np.abs(g - r.cpu().numpy()).max()) for g, r in zip(gots, refs))
         if err > 1e-3:
             raise RuntimeError(f"ONNX export of {name} differs from PyTorch by {err:.3g}")
-        os.replace(tmp, path)
+
+    try:
+        write_via_temp(path, write)
     finally:
         for m, training in modes.items():
             m.training = training
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("exported %s at %dpx to %s", name, image_size, path)
     prune_exports(folder, keep=ONNX_CACHE_KEEP)
     return path

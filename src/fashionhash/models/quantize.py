@@ -44,7 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .features import cache_dir, export_onnx
+from fashionhash.files import write_via_temp
+
+from .features import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +150,6 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
 
 
-def _replace_atomically(folder: Path, path: Path, write: Any) -> Path:
-    """``write(tmp)`` then rename to ``path``: concurrent processes never see half a file."""
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _names_and_first_of_block(graph: Any, block: int) -> tuple[list[str], int]:
     """The node names of the exported trunk ``graph`` (topological order) and the index of
     the first node of block ``block``; ValueError when no node of that block is found."""
@@ -237,7 +226,7 @@ def quantize_trunk(backbone: nn.Module, name: str, image_size: int, channels: in
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
 
-    _replace_atomically(folder, path, write)
+    write_via_temp(path, write)
     log.info("quantized %s at %dpx to int8 on %d calibration photos (float32: stem and first %d blocks "
              "if > 0, last %d blocks and head conv): %s", name, image_size, len(calibration), float_front,
              float_tail, path)
@@ -307,6 +296,6 @@ def int8_graph(model: nn.Module, name: str, image_size: int, channels: int,
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         tail = os.path.join(tmp, "tail.onnx")
         _export_tail(model, tuple(blocks.shape), tuple(head.shape), tail)
-        _replace_atomically(folder, path, lambda out: _merge(trunk, tail, out))
+        write_via_temp(path, lambda out: _merge(trunk, tail, out))
     log.info("int8 graph of %s at %dpx: %s", type(model).__name__, image_size, path)
     return path

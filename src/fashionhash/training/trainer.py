@@ -33,6 +33,7 @@ from fashionhash import codes as C
 from fashionhash import distributed
 from fashionhash.config import Config, TrainConfig, git_commit, load_config, save_config
 from fashionhash.distributed import DistInfo
+from fashionhash.files import write_via_temp
 from fashionhash.evaluation.metrics import (
     mean_average_precision, ndcg_at_k, relevance_from_labels, same_item_topk, top1_expected,
 )
@@ -63,11 +64,7 @@ class Callbacks:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_via_temp(path, lambda tmp: torch.save(obj, tmp))
 
 
 class _JsonLog:
