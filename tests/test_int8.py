@@ -191,7 +191,9 @@ def test_int8_run_encodes_photos_as_its_cached_catalogue(int8_run):
     assert ok_enc.tolist() == ok.tolist() and ok.sum() >= 70
     np.testing.assert_allclose(got[ok], want[ok], atol=1e-4)
     assert np.array_equal(C.pack(got[ok]), C.pack(want[ok]))
-    assert len(np.unique(C.pack(got[ok]), axis=0)) > 10  # varied codes: equality means something
+    # varied codes, so that equality means something (CSQ, the demo's method, gathers the
+    # codes of a class at its hash centre: about one code per class)
+    assert len(np.unique(C.pack(got[ok]), axis=0)) >= 5
     # the two-stage query encoder: its descriptors at each scale are the cached ones
     desc, _ = item_descriptors(cat, pos, cfg)
     first, *others = run.descriptor_encoders()
