@@ -586,7 +586,7 @@ class SearchService:
         run = None
         if self.run is not None:
             m = self.run.cfg
-            run = {"path": str(self.run.path), "method": m.method.name, "backbone": m.model.backbone,
+            run = {"path": self.run.path.name, "method": m.method.name, "backbone": m.model.backbone,
                    "mode": m.model.mode, "dataset": m.data.dataset,
                    "checkpoint_epoch": int(self.run.meta.get("checkpoint_epoch", -1))}
         return {
