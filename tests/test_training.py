@@ -182,3 +182,16 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(synthetic_fmni
     assert main(["train", "--run-dir", str(tmp_path / "run"), "--quiet", *args]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_bar_opens_on_the_first_photo(capsys):
+    """A phase whose array comes from the feature cache never updates: it shows no empty bar."""
+    from fashionhash.cli import _Bars
+
+    bars = _Bars()
+    bars.phase("features cached", 10)
+    assert "features cached" not in capsys.readouterr().err
+    update = bars.phase("features computed", 2)
+    update(1)
+    update(1)
+    assert "features computed" in capsys.readouterr().err

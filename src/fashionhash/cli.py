@@ -43,9 +43,12 @@ class _Bars:
             return None
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=name, unit="img", leave=False, dynamic_ncols=True)
+        bar = None
 
         def update(n: int) -> None:
+            nonlocal bar
+            if bar is None:  # opened on the first photo: an array read from the cache shows none
+                bar = tqdm(total=total, desc=name, unit="img", leave=False, dynamic_ncols=True)
             bar.update(n)
             if bar.n >= bar.total:
                 bar.close()
