@@ -140,3 +140,25 @@ def test_paired_difference_against_the_textbook_t_test():
                 "per_seed": {"top1": vals, "map@1000": vals}}
     notes = paired_notes([row("adversarial", a), row("adversarial-no-adv", b)], 64)
     assert len(notes) == 1 and "+0.0200" in notes[0] and "larger than the seed spread" in notes[0] and "5 paired seeds" in notes[0]
+
+
+def test_a_run_of_a_replaced_learning_rate_is_set_aside_not_deleted(tmp_path):
+    """Widening --lrs can change a method's choice: its seed runs trained at the old rate
+    are renamed <run>.lr<old> and the row trains again; any other difference still stops."""
+    from fashionhash.config import load_config, save_config
+    from fashionhash.table.runs import _set_aside_if_lr_changed
+
+    run = tmp_path / "csq_64_s0"
+    run.mkdir()
+    save_config(load_config(None, ["train.lr=0.001"]), run / "config.yaml")
+    (run / "metrics.json").write_text("{}")
+    _set_aside_if_lr_changed(run, load_config(None, ["train.lr=0.001", "train.threads=2"]))  # speed only
+    assert (run / "metrics.json").is_file()
+    _set_aside_if_lr_changed(run, load_config(None, ["train.lr=0.001", "model.n_bits=32"]))  # not the lr
+    assert (run / "metrics.json").is_file()
+    _set_aside_if_lr_changed(run, load_config(None, ["train.lr=0.0003"]))
+    assert not run.exists() and (tmp_path / "csq_64_s0.lr0.001" / "metrics.json").is_file()
+    run.mkdir()
+    save_config(load_config(None, ["train.lr=0.001"]), run / "config.yaml")
+    with pytest.raises(FileExistsError, match="exists"):
+        _set_aside_if_lr_changed(run, load_config(None, ["train.lr=0.0003"]))

@@ -82,6 +82,24 @@ def _prepare(run_dir: Path, cfg: Config, d: Data) -> None:
         save_config(cfg, run_dir / "config.yaml")  # `train --resume` without a checkpoint starts from it
 
 
+def _set_aside_if_lr_changed(run_dir: Path, cfg: Config) -> None:
+    """A run trained at a learning rate that a later, wider choice replaced (its config
+    differs in ``train.lr`` only) is renamed ``<run>.lr<old>`` -- kept, not deleted -- so
+    that the row trains again at the chosen rate instead of stopping the table."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    old = load_config(run_dir / "config.yaml")
+    diff = [x for x in config_diff(old.to_dict(), cfg.to_dict()) if not x.startswith(SPEED_ONLY)]
+    if diff and all(x.startswith("train.lr:") for x in diff):
+        aside = run_dir.with_name(f"{run_dir.name}.lr{old.train.lr:g}")
+        if aside.exists():
+            raise FileExistsError(f"{run_dir} was trained at lr {old.train.lr:g}, now {cfg.train.lr:g}, "
+                                  f"and {aside} exists: delete one of them")
+        run_dir.rename(aside)
+        log.warning("%s: trained at lr %g, the choice is now %g: kept as %s, training again",
+                    run_dir.name, old.train.lr, cfg.train.lr, aside.name)
+
+
 def _train_child(run_dir: Path, evaluate: bool) -> None:
     """Train (resume) ``run_dir`` through the CLI in a child process with one torch thread,
     so that several run side by side: on 2 cores two 1-thread runs each take about as long
@@ -211,6 +229,7 @@ def train_runs(d: Data, specs: list[Spec], lrs: dict[str, float], lr_bits: int, 
     for label, bits, seed in specs:
         run_dir = run_dir_of(d, label, bits, seed)
         cfg = run_config(d, label, bits, seed, lrs.get(label, d.cfg.train.lr))
+        _set_aside_if_lr_changed(run_dir, cfg)
         _prepare(run_dir, cfg, d)
         if (run_dir / "metrics.json").is_file():
             log.info("%s %s %d bits seed %d: evaluated before, skipped", d.plan.key, label, bits, seed)
