@@ -74,7 +74,7 @@ _CONTENT_DIGESTS: dict[str, str] = {}
 
 def _content_digest(paths: Sequence[str]) -> str:
     """Digest of the photos' bytes in order (a missing file counts as missing), read once
-    per process for the same files as a stat sees them (44k catalogue photos: ~2 s)."""
+    per process for the same files as a stat sees them (44k catalogue photos: ~1-2 s)."""
     stats = hashlib.sha256()
     for p in paths:
         try:
