@@ -16,6 +16,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "adversarial": ("adversarial", [], "**adversarial (Singh et al. 2019, the paper)**"),
     "adversarial-no-adv": ("adversarial", ["method.params.w_adv=0"], "ablation: no adversary (w_adv=0)"),
     "adversarial-no-cls": ("adversarial", ["method.params.w_cls=0"], "ablation: no classifier (w_cls=0)"),
+    "adversarial-no-pair": ("adversarial", ["method.params.w_pair=0"], "ablation: no pairwise term (w_pair=0)"),
     # the only row that needs augmented views: the others train without them (half the cost
     # of an epoch, as the demo)
     "adversarial-item": ("adversarial", ["method.params.w_item=0.1", "method.params.item_bits={quarter}",
@@ -37,7 +38,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 }
 SHALLOW = ("lsh", "itq")  # closed-form fits: no epochs, no learning rate, cheap at every bit length
 PAPER = "adversarial"
-ABLATIONS = ("adversarial-no-adv", "adversarial-no-cls", "adversarial-item")
+ABLATIONS = ("adversarial-no-adv", "adversarial-no-cls", "adversarial-no-pair", "adversarial-item")
 #: rows that are not hashing runs of their own
 SGML_REAL, NAIVE_PIXELS, NAIVE_FEATURES = "sgml-real", "naive-pixels", "naive-features"
 EXTRA_ROWS = {
