@@ -25,8 +25,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fashionhash.encoding import EncodeReport, PhaseFactory, Sources
-    from fashionhash.pipeline import Run
+    from fashionhash.encoding import EncodeReport, Sources
+    from fashionhash.pipeline import PhaseFactory, Run
 
 #: how long a process waits for the others at a collective. Long on purpose: rank 0 alone
 #: validates and the first process of each machine alone fills its feature cache while the

@@ -53,7 +53,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
@@ -62,7 +62,7 @@ from fashionhash.files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from fashionhash.models.features import Engine, FeatureExtractor
-    from fashionhash.pipeline import Run
+    from fashionhash.pipeline import PhaseFactory, Run
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PLAN_NAME, CHUNKS_DIR = "plan.json", "chunks"
 _PLAN_VERSION = 1
-Progress = Callable[[int], None]
-#: ``progress(name, total)`` may return a callable told how many photos were finished
-PhaseFactory = Callable[[str, int], "Progress | None"]
 Sources = Union["ImageList", str, os.PathLike]
 
 

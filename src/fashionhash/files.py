@@ -19,28 +19,10 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, chunks) -> None:
-    """Write an iterable of bytes-like ``chunks`` to ``path`` atomically and durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``
-    (for writers that take a file name, e.g. ONNX export and quantization); ``path``."""
+    """``write(tmp)`` into a temporary file beside ``path`` (``.<name>.*.tmp``), flushed to
+    disk, then renamed to ``path``; ``path``. For writers that take a file name (ONNX export,
+    quantization, ``torch.save``); :func:`atomic_write` for bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,3 +37,13 @@ def write_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> Pat
             os.unlink(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write(path: str | os.PathLike, chunks) -> None:
+    """Write an iterable of bytes-like ``chunks`` to ``path`` atomically and durably."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    write_via_temp(path, write)

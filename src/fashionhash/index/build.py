@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from .catalogue import HashIndex
 
 if TYPE_CHECKING:
     from fashionhash.encoding import Encoded
-    from fashionhash.pipeline import Run
+    from fashionhash.pipeline import PhaseFactory, Progress, Run
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"))
 #: catalogue items encoded per call when no saved codes can be reused (bounds memory)
 CHUNK = 1024
 
-Progress = Callable[[int], None]
-PhaseFactory = Callable[[str, int], "Progress | None"]
 ImageInput = Union[str, os.PathLike, bytes]
 
 

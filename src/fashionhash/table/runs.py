@@ -66,15 +66,24 @@ def _lr_dir(d: Data, label: str, bits: int, lr: float) -> Path:
     return d.runs / "lr" / f"{label}_{bits}_lr{lr:g}"
 
 
+def _config_changes(run_dir: Path, cfg: Config) -> list[str]:
+    """How ``cfg`` differs from the config saved in ``run_dir`` (none saved: no change),
+    settings that only change the speed left out."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    saved = load_config(run_dir / "config.yaml").to_dict()
+    return [x for x in config_diff(saved, cfg.to_dict()) if not x.startswith(SPEED_ONLY)]
+
+
 def _prepare(run_dir: Path, cfg: Config, d: Data) -> None:
     """Make ``run_dir`` ready to train ``cfg`` (its config saved, the dataset's split copied
-    in). A folder made with another config stops the table."""
-    if (run_dir / "config.yaml").is_file():
-        diff = [x for x in config_diff(load_config(run_dir / "config.yaml").to_dict(), cfg.to_dict())
-                if not x.startswith(SPEED_ONLY)]
-        if diff:
-            raise FileExistsError(f"{run_dir} was made with another config ({'; '.join(diff)}): "
-                                  "delete it or pass another --runs")
+    in). A folder made with another config stops the table (one made at a replaced learning
+    rate is set aside first, see :func:`_set_aside_if_lr_changed`)."""
+    _set_aside_if_lr_changed(run_dir, cfg)
+    diff = _config_changes(run_dir, cfg)
+    if diff:
+        raise FileExistsError(f"{run_dir} was made with another config ({'; '.join(diff)}): "
+                              "delete it or pass another --runs")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "split.json").is_file():
         shutil.copy(d.split_path, run_dir / "split.json")
@@ -85,19 +94,19 @@ def _prepare(run_dir: Path, cfg: Config, d: Data) -> None:
 def _set_aside_if_lr_changed(run_dir: Path, cfg: Config) -> None:
     """A run trained at a learning rate that a later, wider choice replaced (its config
     differs in ``train.lr`` only) is renamed ``<run>.lr<old>`` -- kept, not deleted -- so
-    that the row trains again at the chosen rate instead of stopping the table."""
-    if not (run_dir / "config.yaml").is_file():
+    that the row trains again at the chosen rate instead of stopping the table. (Learning-
+    rate candidates never get here: their rate is in their folder's name.)"""
+    diff = _config_changes(run_dir, cfg)
+    if not diff or not all(x.startswith("train.lr:") for x in diff):
         return
-    old = load_config(run_dir / "config.yaml")
-    diff = [x for x in config_diff(old.to_dict(), cfg.to_dict()) if not x.startswith(SPEED_ONLY)]
-    if diff and all(x.startswith("train.lr:") for x in diff):
-        aside = run_dir.with_name(f"{run_dir.name}.lr{old.train.lr:g}")
-        if aside.exists():
-            raise FileExistsError(f"{run_dir} was trained at lr {old.train.lr:g}, now {cfg.train.lr:g}, "
-                                  f"and {aside} exists: delete one of them")
-        run_dir.rename(aside)
-        log.warning("%s: trained at lr %g, the choice is now %g: kept as %s, training again",
-                    run_dir.name, old.train.lr, cfg.train.lr, aside.name)
+    old_lr = load_config(run_dir / "config.yaml").train.lr
+    aside = run_dir.with_name(f"{run_dir.name}.lr{old_lr:g}")
+    if aside.exists():
+        raise FileExistsError(f"{run_dir} was trained at lr {old_lr:g}, now {cfg.train.lr:g}, "
+                              f"and {aside} exists: delete one of them")
+    run_dir.rename(aside)
+    log.warning("%s: trained at lr %g, the choice is now %g: kept as %s, training again",
+                run_dir.name, old_lr, cfg.train.lr, aside.name)
 
 
 def _train_child(run_dir: Path, evaluate: bool) -> None:
@@ -229,7 +238,6 @@ def train_runs(d: Data, specs: list[Spec], lrs: dict[str, float], lr_bits: int, 
     for label, bits, seed in specs:
         run_dir = run_dir_of(d, label, bits, seed)
         cfg = run_config(d, label, bits, seed, lrs.get(label, d.cfg.train.lr))
-        _set_aside_if_lr_changed(run_dir, cfg)
         _prepare(run_dir, cfg, d)
         if (run_dir / "metrics.json").is_file():
             log.info("%s %s %d bits seed %d: evaluated before, skipped", d.plan.key, label, bits, seed)
