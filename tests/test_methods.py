@@ -223,6 +223,15 @@ def test_dch_toy_values():
     expected = math.log(1.5) + (math.log(2) + math.log(3)) / 2
     assert CauchyCrossEntropyLoss(gamma=2.0, eps=0.0)(h, SIM_001).item() == pytest.approx(expected, rel=1e-6)
     assert CauchyCrossEntropyLoss(gamma=2.0)(h, SIM_001).item() == pytest.approx(expected, rel=1e-3)
+    # max_cos = 0.5 caps every d at >= K/2 (1 - 0.5) = 0.5 (none of these pairs is that close)
+    assert CauchyCrossEntropyLoss(gamma=2.0, eps=0.0, max_cos=0.5)(h, SIM_001).item() == pytest.approx(expected)
+    # a dissimilar near-duplicate (cos 0.9999): capped at cos 0.99, d = 0.01: log(1 + 2/0.01)
+    hd = torch.tensor([[1., 1], [1, 1.0002], [-1, -1]])
+    sim_none = torch.zeros(3, 3)
+    capped = CauchyCrossEntropyLoss(gamma=2.0, eps=0.0, max_cos=0.99)(hd, sim_none).item()
+    assert capped == pytest.approx((2 * math.log1p(2 / 0.01) + 2 * math.log1p(2 / 2) + 2 * math.log1p(2 / 2)) / 6,
+                                   rel=1e-4)
+    assert CauchyCrossEntropyLoss(gamma=2.0, eps=0.0)(hd, sim_none).item() > capped + 1
     # quantisation, gamma = 1: d(|h|, 1) = K/2 (1 - cos(|h|, 1))
     # [1,-1]: |h| = [1,1], cos 1, d 0 -> 0; [1,0]: cos 1/sqrt 2 -> log(1 + 1 - 1/sqrt 2);
     # [.6,.8]: cos 1.4/sqrt 2 -> log(1 + 1 - 1.4/sqrt 2); mean of the three

@@ -118,17 +118,20 @@ class CauchyCrossEntropyLoss(nn.Module):
     when dissimilar (the same expression simplified). ``log(1 + gamma/d)`` and its gradient
     grow without bound as a dissimilar pair's codes coincide (``d -> 0``, e.g. duplicate
     photos filed under two types), so ``d`` is offset by ``eps`` (a thousandth of a bit) there.
-    ``forward(h (B, K), sim (B, B)) -> scalar``.
+    ``max_cos`` < 1 caps every pair's cosine (the published PyTorch port caps it at 0.99):
+    ``d >= K/2 (1 - max_cos)``, so pairs already that close stop pulling and dissimilar
+    duplicates stop pushing. ``forward(h (B, K), sim (B, B)) -> scalar``.
     """
 
-    def __init__(self, gamma: float = 20.0, eps: float = 1e-3) -> None:
+    def __init__(self, gamma: float = 20.0, eps: float = 1e-3, max_cos: float = 1.0) -> None:
         super().__init__()
-        if gamma <= 0:
-            raise ValueError("gamma must be positive")
-        self.gamma, self.eps = gamma, eps
+        if gamma <= 0 or not 0 < max_cos <= 1:
+            raise ValueError("gamma must be positive and max_cos in (0, 1]")
+        self.gamma, self.eps, self.max_cos = gamma, eps, max_cos
 
     def forward(self, h: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-        d = cauchy_distance(h, h).clamp_min(0.0)
+        k = h.shape[1]
+        d = cauchy_distance(h, h).clamp_min(0.5 * k * (1.0 - self.max_cos))
         per_pair = sim * torch.log1p(d / self.gamma) + (1 - sim) * torch.log1p(self.gamma / (d + self.eps))
         return _balanced_mean(per_pair, sim)
 
