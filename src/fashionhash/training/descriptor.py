@@ -7,7 +7,9 @@
    the batch (the item contrast of :class:`~fashionhash.losses.core.ItemContrastLoss`),
    which teaches the descriptor what a shopper's photo changes (crop, rotation, light,
    scale, JPEG) and what it keeps; kept only if it finds the val items' damaged copies
-   more often (descriptor alone, against the database plus the val originals);
+   more often (descriptor alone, against the database plus the val originals). SGML's
+   granularity-weighted loss instead (``learn_projection(loss="sgml")``, in
+   ``benchmarks/bench_descriptor.py``) lost two thirds of the hits on val (docs/results.md);
 3. the shortlist: by the hash code or by a sign code of the descriptor (its outputs are
    first rotated to PCA order, which leaves every cosine as it was), and its size, by the
    two-stage same-product hit rate of those damaged copies.
@@ -27,22 +29,38 @@ from fashionhash.descriptors import Whitening
 from fashionhash.evaluation.two_stage import (SHORTLISTS, SIGN_BITS, choose_shortlist, descriptor_only_hits,
                                               shortlist_codes, two_stage_hits)
 from fashionhash.losses.core import ItemContrastLoss
-from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, PhaseFactory, int8_calibration, item_descriptors,
-                                  item_features, load_run, open_data, save_descriptor)
+from fashionhash.losses.metric import SoftBinomialDevianceLoss
+from fashionhash.methods.sgml import attribute_granularity
+from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, Labels, PhaseFactory, int8_calibration,
+                                  item_descriptors, item_features, load_run, open_data, save_descriptor)
 
 log = logging.getLogger(__name__)
 
 
 
+PROJECTION_LOSSES = ("item", "sgml")
+
+
 def learn_projection(start: Whitening, views: list[np.ndarray], *, epochs: int, tau: float = 0.05,
-                     lr: float = 1e-3, batch: int = 512, seed: int = 0) -> Whitening:
-    """Train the linear map of ``start`` so that two views ``(N, D)`` of an item are nearest
-    neighbours among the batch; returns a new map (same centring, trained projection)."""
+                     lr: float = 1e-3, batch: int = 512, seed: int = 0, loss: str = "item",
+                     labels: np.ndarray | None = None, other_items: float = 1.0) -> Whitening:
+    """Train the linear map of ``start`` on views ``(N, D)`` of N items; returns a new map
+    (same centring, trained projection). ``loss="item"``: two views of an item are nearest
+    neighbours among the batch; ``"sgml"``: every pair's cosine is pulled up or pushed down
+    by its granularity over ``labels`` ``(N, A)`` (class first, then attributes, -1 missing):
+    1 for two views of one item, ``other_items`` x the fraction of agreeing labels for two
+    items (1.0: SGML's own, where two items that agree on every label count as one item;
+    below 1 the very item ranks above its look-alikes)."""
+    if loss not in PROJECTION_LOSSES:
+        raise ValueError(f"descriptor projection loss {loss!r}: one of {', '.join(PROJECTION_LOSSES)}")
+    if loss == "sgml" and (labels is None or len(labels) != len(views[0])):
+        raise ValueError("the sgml projection loss needs labels (N, A) for the N training items")
     gen = torch.Generator().manual_seed(seed)
     proj = torch.nn.Parameter(torch.from_numpy(start.proj.copy()))
     mean = torch.from_numpy(start.mean)
     xs = [torch.from_numpy(np.asarray(v, np.float32)) - mean for v in views]
-    loss_fn = ItemContrastLoss(tau=tau)
+    lab = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64).reshape(len(xs[0]), -1))
+    loss_fn = ItemContrastLoss(tau=tau) if loss == "item" else SoftBinomialDevianceLoss()
     opt = torch.optim.Adam([proj], lr=lr)
     n, d = len(xs[0]), proj.shape[1]
     for epoch in range(epochs):
@@ -52,15 +70,27 @@ def learn_projection(start: Whitening, views: list[np.ndarray], *, epochs: int, 
             idx = perm[s:s + batch]
             a, b = torch.randperm(len(xs), generator=gen)[:2].tolist()
             z = torch.nn.functional.normalize(torch.cat([xs[a][idx], xs[b][idx]]) @ proj, dim=1)
-            # the loss divides by the width K (made for +-1 codes): sqrt(d)-scaled unit rows
-            # give plain cosines over tau
-            loss = loss_fn(z * d ** 0.5, torch.cat([idx, idx]))
+            both = torch.cat([idx, idx])
+            if loss == "item":
+                # the loss divides by the width K (made for +-1 codes): sqrt(d)-scaled unit
+                # rows give plain cosines over tau
+                loss_value = loss_fn(z * d ** 0.5, both)
+            else:
+                g = other_items * attribute_granularity(lab[both, 0], lab[both, 1:])
+                loss_value = loss_fn(z, torch.where(both[:, None] == both[None, :], torch.ones_like(g), g))
             opt.zero_grad()
-            loss.backward()
+            loss_value.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        log.info("descriptor projection epoch %d: item contrast %.4f", epoch + 1, total / n)
+            total += float(loss_value.detach()) * len(idx)
+        log.info("descriptor projection epoch %d: %s loss %.4f", epoch + 1, loss, total / n)
     return Whitening(start.mean, proj.detach().numpy().astype(np.float32))
+
+
+def granularity_labels(cat, positions: np.ndarray) -> np.ndarray:
+    """``(N, 1 + A)`` int64 of catalogue items: class, then the graded attributes (-1 missing),
+    what the sgml projection loss compares."""
+    lab = Labels.build(cat, sorted(set(cat.labels)))
+    return np.concatenate([lab.y[positions, None], lab.attrs[positions]], axis=1)
 
 
 def fit_descriptor(run_dir: str | Path, *, phase: PhaseFactory | None = None) -> dict:
