@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         return descriptor_only_hits(m(r_dam), np.concatenate([m.quantized(r_db), m.quantized(r_val)]), true)
 
     rows = [("PCA-whitening only", score(start), 0.0)]
+
+    def write() -> None:  # after every row: a long grid keeps what it measured if stopped
+        _write(args.out, argv, rows, len(true), len(r_db) + len(r_val), len(views[0]))
+
+    write()
     for g in args.grid:
         if g.get("views", 1) > len(views) - 1:
             raise SystemExit(f"{g}: {len(views) - 1} views prepared (descriptor.learn_views, or --views)")
@@ -117,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((", ".join(f"{k} {v}" for k, v in g.items()), score(m), time.time() - t0))
         print(f"{rows[-1][0]}: top-1 {rows[-1][1][1]:.3f} top-10 {rows[-1][1][10]:.3f} ({rows[-1][2]:.0f} s)",
               flush=True)
-        _write(args.out, argv, rows, len(true), len(r_db) + len(r_val), len(views[0]))  # each row kept as it comes
-    _write(args.out, argv, rows, len(true), len(r_db) + len(r_val), len(views[0]))
+        write()
     print(f"wrote {args.out}")
     return 0
 

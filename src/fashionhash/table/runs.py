@@ -79,8 +79,7 @@ def _prepare(run_dir: Path, cfg: Config, d: Data) -> None:
     """Make ``run_dir`` ready to train ``cfg`` (its config saved, the dataset's split copied
     in). A folder made with another config stops the table (one made at a replaced learning
     rate is set aside first, see :func:`_set_aside_if_lr_changed`)."""
-    _set_aside_if_lr_changed(run_dir, cfg)
-    diff = _config_changes(run_dir, cfg)
+    diff = _set_aside_if_lr_changed(run_dir, cfg)
     if diff:
         raise FileExistsError(f"{run_dir} was made with another config ({'; '.join(diff)}): "
                               "delete it or pass another --runs")
@@ -91,14 +90,15 @@ def _prepare(run_dir: Path, cfg: Config, d: Data) -> None:
         save_config(cfg, run_dir / "config.yaml")  # `train --resume` without a checkpoint starts from it
 
 
-def _set_aside_if_lr_changed(run_dir: Path, cfg: Config) -> None:
+def _set_aside_if_lr_changed(run_dir: Path, cfg: Config) -> list[str]:
     """A run trained at a learning rate that a later, wider choice replaced (its config
     differs in ``train.lr`` only) is renamed ``<run>.lr<old>`` -- kept, not deleted -- so
     that the row trains again at the chosen rate instead of stopping the table. (Learning-
-    rate candidates never get here: their rate is in their folder's name.)"""
+    rate candidates never get here: their rate is in their folder's name.) Returns the
+    config changes left in ``run_dir`` (none once it is set aside)."""
     diff = _config_changes(run_dir, cfg)
     if not diff or not all(x.startswith("train.lr:") for x in diff):
-        return
+        return diff
     old_lr = load_config(run_dir / "config.yaml").train.lr
     aside = run_dir.with_name(f"{run_dir.name}.lr{old_lr:g}")
     if aside.exists():
@@ -107,6 +107,7 @@ def _set_aside_if_lr_changed(run_dir: Path, cfg: Config) -> None:
     run_dir.rename(aside)
     log.warning("%s: trained at lr %g, the choice is now %g: kept as %s, training again",
                 run_dir.name, old_lr, cfg.train.lr, aside.name)
+    return []
 
 
 def _train_child(run_dir: Path, evaluate: bool) -> None:

@@ -36,8 +36,6 @@ from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, Labels, PhaseFact
 
 log = logging.getLogger(__name__)
 
-
-
 PROJECTION_LOSSES = ("item", "sgml")
 
 
