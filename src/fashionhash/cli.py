@@ -304,8 +304,8 @@ def _add_table_command(sub) -> None:
     t.add_argument("--lrs", type=_comma(float),
                    help=f"learning rates each method tries on val (default {','.join(f'{x:g}' for x in LRS)})")
     t.add_argument("--all-bits", action="store_true",
-                   help="every method at every bit length and seeds at every bit length")
-    t.add_argument("--seeds", type=int, help=f"seeds of the paper's method and the two strongest peers "
+                   help="the ablations too at every bit length, and seeds at every bit length")
+    t.add_argument("--seeds", type=int, help=f"seeds of every row at the largest bit length "
                                              f"(default {N_SEEDS}; --quick: 2)")
     t.add_argument("--ablation-seeds", type=int,
                    help=f"seeds of the ablations and of the paper's method beside them, paired "

@@ -1,5 +1,5 @@
-"""The whole table: per dataset, the learning-rate choice, every method at the largest bit
-length, the strongest ones at the other bit lengths and over seeds, the naive rows; then
+"""The whole table: per dataset, the learning-rate choice, every method at every bit length
+and over seeds at the largest, the naive rows; then
 ``table.md``, ``table.json`` and one precision-recall figure per dataset."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fashionhash.table.plan import (
 )
 from fashionhash.table.real import naive_row
 from fashionhash.table.report import collect, markdown, paired_notes, plot_pr, run_summary, update_readme
-from fashionhash.table.runs import choose_lrs, strongest_peers, train_runs
+from fashionhash.table.runs import choose_lrs, train_runs
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +57,20 @@ def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[s
     # 1) every method at the largest bit length (seed 0, mostly the chosen candidates): that
     # is also what picks the peers
     timer(f"seed 0, {top} bits", train_runs, d, [(x, top, 0) for x in labels], lrs, top, opts.jobs)
-    peers = strongest_peers(d, labels, top)
-    seed_bits = sorted(b for b in plan.seed_bits if b in bits_list)
-    if peers:
-        notes.append(f"Two strongest peers (seed-0 mAP@all at {top} bits): {', '.join(peers)}. "
-                     + (f"They and the paper's method get {n_seeds} seeds (train.seed=0..{n_seeds - 1}) "
-                        f"at {', '.join(map(str, seed_bits))} bits." if n_seeds > 1 and seed_bits else ""))
-    # 2) the other bit lengths, and 3) more seeds for the paper's method and the two
-    # strongest peers, in one batch (neither depends on the other)
-    low = labels if plan.low_bits == "all" else [
-        x for x in labels if x == PAPER or x in peers or VARIANTS[x][0] in SHALLOW]
+    # 2) the other bit lengths (every method; the ablations too with --all-bits), and 3)
+    # more seeds for every row, in one batch (neither depends on the other)
+    low = labels if plan.low_bits == "all" else [x for x in labels if x not in ABLATIONS]
     skipped = [x for x in labels if x not in low]
     if skipped and len(bits_list) > 1:
-        notes.append(f"Only at {top} bits (time budget): {', '.join(skipped)}.")
+        notes.append(f"Only at {top} bits (they test the paper's method, not a bit length): {', '.join(skipped)}.")
+    seed_bits = sorted(b for b in plan.seed_bits if b in bits_list)
+    if n_seeds > 1 and seed_bits:
+        notes.append(f"Every row at {n_seeds} seeds (train.seed=0..{n_seeds - 1}) at "
+                     f"{', '.join(map(str, seed_bits))} bits; the other bit lengths at seed 0.")
     specs = [(x, bits, 0) for bits in sorted(b for b in bits_list if b != top) for x in low]
-    seeded = [x for x in labels if x == PAPER or x in peers]
     for seed in range(1, n_seeds):
         for bits in sorted(seed_bits, reverse=True):
-            specs += [(x, bits, seed) for x in seeded if bits == top or x in low]
+            specs += [(x, bits, seed) for x in labels if bits == top or x in low]
     # the ablations and the paper's method beside them, paired by seed, at the largest bits
     ablated = [x for x in labels if x in ABLATIONS]
     if ablated and n_ablation_seeds > 1:

@@ -266,19 +266,6 @@ def train_runs(d: Data, specs: list[Spec], lrs: dict[str, float], lr_bits: int, 
             sgml_real(run_dir, d, read_json(run_dir / "table_extra.json"))
 
 
-def strongest_peers(d: Data, labels: list[str], bits: int, n: int = 2) -> list[str]:
-    """The ``n`` peers with the best seed-0 mAP@all at ``bits`` (the paper's method and its
-    ablations are not peers)."""
-    scores = []
-    for label in labels:
-        if label == PAPER or label in ABLATIONS:
-            continue
-        m = read_json(run_dir_of(d, label, bits, 0) / "metrics.json")
-        if m is not None:
-            scores.append((m["map"], label))
-    return [label for _, label in sorted(scores, reverse=True)[:n]]
-
-
 def code_query_ms(q_packed: np.ndarray, db_packed: np.ndarray, n_bits: int) -> dict:
     """ms per query for the top-``QUERY_K`` of every query ``(Q, K/8)`` against the
     database ``(D, K/8)``, flat scan and MIH."""
