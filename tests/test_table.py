@@ -21,12 +21,20 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
     # two runs side by side in child processes (the CLI): the path the full table takes
     argv = ["table", "--quick", "--data", str(tiny_kaggle), "--fmnist", str(synthetic_fmnist), "--jobs", "2",
             "--methods", "adversarial,adversarial-no-cls,sgml,lsh,naive", "--runs", str(runs), "--out", str(out),
-            "--readme", str(tmp_path / "README.md")]
+            "--readme", str(tmp_path / "README.md"), "--headline", str(tmp_path / "HEAD.md")]
     (tmp_path / "README.md").write_text("# x\n\n<!-- table:start -->\nSTALE-TABLE\n<!-- table:end -->\n\nafter\n")
+    (tmp_path / "HEAD.md").write_text("# y\n<!-- headline:start -->\nSTALE\n<!-- headline:end -->\nafter\n")
     assert main(argv) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "STALE-TABLE" not in readme and readme.endswith("<!-- table:end -->\n\nafter\n")
     assert "\n### Notes" in readme and "](out/pr_kaggle.png)" in readme
+    # the summary: one line per method (no ablation, no naive row), every row over seeds
+    head = (tmp_path / "HEAD.md").read_text()
+    assert "STALE" not in head and head.endswith("<!-- headline:end -->\nafter\n")
+    for name in ("adversarial (Singh", "SGML, binarised", "| LSH |"):
+        assert head.count(name) == 2, name  # once per dataset
+    rows_md = "\n".join(x for x in head.splitlines() if x.startswith("| "))
+    assert "no classifier" not in rows_md and "naive" not in rows_md and rows_md.count(" ± ") >= 12
     for name in ("table.md", "table.json", "pr_kaggle.png", "pr_fashion_mnist.png"):
         assert (out / name).is_file(), name
     table = json.loads((out / "table.json").read_text())
@@ -48,9 +56,10 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
             if ds == "kaggle":  # the same-product test exists only for photos
                 assert 0 <= r["mean"]["same_product_top1"] <= r["mean"]["same_product_top10"] <= 1
             assert md.count(f"| {r['name']} |") == 1
-        # the paper's method is repeated over seeds and reported as mean +- std
-        paper = next(r for r in rows if r["label"] == "adversarial")
-        assert paper["seeds"] == [0, 1] and math.isfinite(paper["std"]["map"])
+        # every row is repeated over seeds and reported as mean +- std
+        for r in rows:
+            if r["label"] not in ("naive-pixels", "naive-features"):
+                assert r["seeds"] == [0, 1] and math.isfinite(r["std"]["map"]), (ds, r["label"])
         assert " ± " in md
         # ... and so is the ablation, paired with it by seed, with a plain verdict
         assert next(r for r in rows if r["label"] == "adversarial-no-cls")["seeds"] == [0, 1]
@@ -162,3 +171,22 @@ def test_a_run_of_a_replaced_learning_rate_is_set_aside_not_deleted(tmp_path):
     save_config(load_config(None, ["train.lr=0.001"]), run / "config.yaml")
     with pytest.raises(FileExistsError, match="exists"):
         _set_aside_if_lr_changed(run, load_config(None, ["train.lr=0.0003"]))
+
+
+def _row(label, bits, m1000, top1, seeds=(0,)):
+    from fashionhash.table.plan import VARIANTS
+    return {"label": label, "name": VARIANTS[label][2], "bits": bits, "seeds": list(seeds),
+            "mean": {"map@1000": m1000, "top1": top1, "lr": 1e-3}, "std": {"map@1000": 0.01, "top1": 0.02}}
+
+
+def test_headline_orders_methods_and_bolds_the_best():
+    from fashionhash.table.report import headline
+    rows = [_row("csq", 64, 0.86, 0.84, (0, 1, 2)), _row("dch", 64, 0.81, 0.85, (0, 1, 2)),
+            _row("csq", 16, 0.80, 0.80), _row("adversarial-no-cls", 64, 0.99, 0.99)]
+    md = headline({"k": {"title": "Photos", "rows": rows}}, "made by x")
+    lines = [x for x in md.splitlines() if x.startswith("| ")]
+    assert lines[0] == "| method | mAP@1000, 64 bits | mAP@1000, 16 bits | top-1, 64 bits | seeds | lr |"
+    # best first by the largest bit length's mAP@1000; the ablation is not a method
+    assert lines[1].startswith("| CSQ | **0.860 ± 0.010** | **0.800** | 0.840 ± 0.020 | 3 |")
+    assert lines[2] == "| DCH | 0.810 ± 0.010 | – | **0.850 ± 0.020** | 3 | 0.001 |"
+    assert len(lines) == 3 and md.startswith("made by x\n")

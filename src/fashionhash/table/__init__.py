@@ -7,6 +7,7 @@ ablations, SGML as a real-valued embedding and the naive L1 match.
     fashionhash table --quick                          # smoke variant (CI), a few minutes
     fashionhash table --datasets kaggle --methods adversarial,dpsh --bits 64
     fashionhash table --readme docs/results.md         # also into the results page
+    fashionhash table --headline README.md             # and its summary into the README
 
 Resumable: a run with its ``metrics.json`` is not trained again, one killed mid-training
 resumes from its last checkpoint (see :mod:`fashionhash.table.runs`). Every method of a

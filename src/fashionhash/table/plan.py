@@ -75,6 +75,7 @@ class TableOptions:
     runs: Path = Path("runs/table")
     out: Path = Path("benchmarks/results")
     readme: Path | None = None
+    headline: Path | None = None  # a page (the README) that gets the summary of the table
     data: str | None = None
     fmnist: str | None = None
     configs: Path = Path(__file__).resolve().parents[3] / "configs"  # the source tree's

@@ -23,6 +23,7 @@ COLUMNS = [  # (header, key, format)
 ]
 QUALITY = {"map", "map@1000", "top1", "p@h2", "ndcg@10", "same_product_top1", "same_product_top10"}
 README_START, README_END = "<!-- table:start -->", "<!-- table:end -->"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
 def _row(label: str, name: str, bits: int | None, found: list[tuple[int, dict]]) -> dict:
@@ -159,9 +160,6 @@ def update_readme(readme: Path, md: str, out: Path) -> None:
     """Put the table into ``readme`` (a markdown page, e.g. docs/results.md) between the
     markers: headings one level down (the page's section owns the title), figure links
     relative to the page's folder, wherever it is."""
-    text = readme.read_text()
-    if text.count(README_START) != 1 or text.count(README_END) != 1:
-        raise ValueError(f"{readme} needs one {README_START} ... {README_END} block")
     rel = os.path.relpath(out, readme.resolve().parent)
     lines = []
     for line in md.splitlines()[1:]:  # the table.md title is the README section's own
@@ -171,9 +169,57 @@ def update_readme(readme: Path, md: str, out: Path) -> None:
             name = line[line.index("](") + 2:-1]
             line = line.replace(f"]({name})", f"]({rel}/{name})")
         lines.append(line)
-    head, rest = text.split(README_START)
-    _, tail = rest.split(README_END)
-    readme.write_text(head + README_START + "\n" + "\n".join(lines).strip() + "\n" + README_END + tail)
+    _replace_block(readme, README_START, README_END, "\n".join(lines))
+
+
+def _replace_block(page: Path, start: str, end: str, body: str) -> None:
+    text = page.read_text()
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"{page} needs one {start} ... {end} block")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    page.write_text(head + start + "\n" + body.strip() + "\n" + end + tail)
+
+
+def headline(tables: dict, header: str) -> str:
+    """A newcomer's summary of the table: per dataset, one line per method (no ablations, no
+    naive rows), best first by mAP@1000 at the largest bit length, with that score at every
+    bit length and the top-1 beside it; the best of each column in bold."""
+    out = [header, ""]
+    for t in tables.values():
+        rows = [r for r in t["rows"] if r["bits"] and r["label"] in VARIANTS and r["label"] not in ABLATIONS]
+        bits = sorted({r["bits"] for r in rows}, reverse=True)
+        if not bits:
+            continue
+        by = {(r["label"], r["bits"]): r for r in rows}
+        labels = sorted({r["label"] for r in rows if r["bits"] == bits[0]},
+                        key=lambda x: -by[(x, bits[0])]["mean"].get("map@1000", -1.0))
+        cols = [(b, "map@1000") for b in bits] + [(bits[0], "top1")]
+        best = {c: max((by[(x, c[0])]["mean"].get(c[1], -1.0) for x in labels if (x, c[0]) in by), default=None)
+                for c in cols}
+
+        def cell(x: str, c: tuple[int, str]) -> str:
+            r = by.get((x, c[0]))
+            if r is None or c[1] not in r["mean"]:
+                return "–"
+            s = _cell(r, c[1], "{:.3f}")
+            return f"**{s}**" if r["mean"][c[1]] == best[c] else s
+
+        out += [f"**{t['title']}**", "",
+                "| method | " + " | ".join(f"mAP@1000, {b} bits" for b in bits) + f" | top-1, {bits[0]} bits | seeds | lr |",
+                "|---|" + "---:|" * (len(cols) + 2)]
+        for x in labels:
+            top = by[(x, bits[0])]
+            lr = f"{top['mean']['lr']:g}" if "lr" in top["mean"] else "–"
+            out.append(f"| {top['name']} | " + " | ".join(cell(x, c) for c in cols)
+                       + f" | {len(top['seeds'])} | {lr} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_headline(page: Path, md: str) -> None:
+    """Put :func:`headline`'s summary into ``page`` (the README) between its markers."""
+    _replace_block(page, HEADLINE_START, HEADLINE_END, md)
 
 
 def plot_pr(rows: list[dict], path: Path, title: str) -> bool:
