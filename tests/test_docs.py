@@ -67,6 +67,12 @@ def test_the_peer_table_lives_in_the_results_page():
     assert "<!-- table:start -->" not in (REPO / "README.md").read_text()
     results = (REPO / "docs" / "results.md").read_text()
     assert results.count("<!-- table:start -->") == 1 and results.count("<!-- table:end -->") == 1
-    assert "fashionhash table --readme docs/results.md" in results
     block = results.split("<!-- table:start -->")[1].split("<!-- table:end -->")[0]
+    # the first line names the invocation that wrote it, and that invocation writes this page
+    assert block.startswith("\n`fashionhash table ") and "--readme docs/results.md" in block.split("\n")[1]
+    # the README has its one-line-per-method summary, from the same kind of invocation
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("<!-- headline:start -->") == 1 and readme.count("<!-- headline:end -->") == 1
+    head = readme.split("<!-- headline:start -->")[1].split("<!-- headline:end -->")[0]
+    assert "`fashionhash table " in head and "--headline README.md" in head and "| CSQ |" in head
     assert "### Product photos" in block and "](../benchmarks/results/pr_kaggle.png)" in block

@@ -190,3 +190,16 @@ def test_headline_orders_methods_and_bolds_the_best():
     assert lines[1].startswith("| CSQ | **0.860 ± 0.010** | **0.800** | 0.840 ± 0.020 | 3 |")
     assert lines[2] == "| DCH | 0.810 ± 0.010 | – | **0.850 ± 0.020** | 3 | 0.001 |"
     assert len(lines) == 3 and md.startswith("made by x\n")
+
+
+def test_run_summary_counts_table_runs_only(tmp_path):
+    """A run set aside at a replaced learning rate (``<run>.lr<old>``) is not one of the
+    table's runs; the pieces are told apart by bit length and seed."""
+    from fashionhash.table.report import run_summary
+    for name, secs in (("csq_64_s0", 10), ("csq_64_s1", 20), ("csq_64_s1.lr0.001", 99), ("csq_16_s0", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"eval_seconds": 60}))
+        (tmp_path / name / "table_extra.json").write_text(json.dumps({"train_seconds": secs * 60}))
+    g = run_summary(tmp_path)["groups"]
+    assert {k: (v["runs"], v["train_s"] / 60) for k, v in g.items()} == {
+        "seed 0, 64 bits": (1, 10), "more seeds": (1, 20), "seed 0, fewer bits": (1, 5)}

@@ -264,7 +264,8 @@ def run_summary(ds_dir: Path) -> dict:
     bits_seen = [int(p.name.rsplit("_", 2)[1]) for p in ds_dir.glob("*_*_s*") if (p / "metrics.json").is_file()]
     top = max(bits_seen, default=0)
     for p in sorted(ds_dir.iterdir()):
-        m = read_json(p / "metrics.json") if p.is_dir() else None
+        # a run set aside when a later choice replaced its learning rate is not in the table
+        m = read_json(p / "metrics.json") if p.is_dir() and ".lr" not in p.name else None
         if m is None:
             continue
         extra = read_json(p / "table_extra.json") or {}
