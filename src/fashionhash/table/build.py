@@ -15,7 +15,7 @@ import torch
 from fashionhash.config import git_commit
 from fashionhash.table.dataset import Data, open_dataset, read_json, write_json
 from fashionhash.table.plan import (
-    ABLATION_SEEDS, ABLATIONS, ALL_BITS, N_SEEDS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SHALLOW, VARIANTS, Plan, TableOptions, make_plans,
+    ABLATION_SEEDS, ABLATIONS, ALL_BITS, N_SEEDS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, VARIANTS, Plan, TableOptions, make_plans,
     select_labels,
 )
 from fashionhash.table.real import naive_row
@@ -56,8 +56,7 @@ def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[s
     top = max(bits_list)
     # 0) the learning rate of every learned method, on val at seed 0 and the largest bit length
     lrs = timer("learning-rate choice", choose_lrs, d, labels, top, opts.jobs)
-    # 1) every method at the largest bit length (seed 0, mostly the chosen candidates): that
-    # is also what picks the peers
+    # 1) every method at the largest bit length (seed 0, mostly the chosen candidates)
     timer(f"seed 0, {top} bits", train_runs, d, [(x, top, 0) for x in labels], lrs, top, opts.jobs)
     # 2) the other bit lengths (every method; the ablations too with --all-bits), and 3)
     # more seeds for every row, in one batch (neither depends on the other)
