@@ -46,8 +46,7 @@ def _val_descriptors(run_dir: Path, items: int | None = None, n_views: int | Non
     the training photos and augmented views to prepare; ``views[v]`` is ``(items, D)`` with
     the photos in the order of a seeded permutation, so ``views[v][:n]`` is a nested subset."""
     from fashionhash.cli import _Bars
-    from fashionhash.pipeline import VAL_DAMAGED_SEED, VIEW_SEED, item_descriptors, load_run, open_data
-    from fashionhash.training.descriptor import granularity_labels
+    from fashionhash.pipeline import VAL_DAMAGED_SEED, VIEW_SEED, Labels, item_descriptors, load_run, open_data
 
     run = load_run(run_dir)
     cfg, d = run.cfg, run.cfg.descriptor
@@ -77,7 +76,9 @@ def _val_descriptors(run_dir: Path, items: int | None = None, n_views: int | Non
         rows = np.sort(perm)
         order = np.searchsorted(rows, perm)  # back to the permutation's order: nested prefixes
     views = [r_db[rows]] + [raw(pos_db[rows], VIEW_SEED + v)[0] for v in range(max(n_views or d.learn_views, 1))]
-    labels = granularity_labels(cat, pos_db[rows][order])
+    # what the sgml projection loss compares: class, then the graded attributes (-1 missing)
+    lab, at = Labels.build(cat, sorted(set(cat.labels))), pos_db[rows][order]
+    labels = np.concatenate([lab.y[at, None], lab.attrs[at]], axis=1)
     return r_db, r_val, r_dam[keep], len(pos_db) + keep, [v[order] for v in views], labels, cfg
 
 

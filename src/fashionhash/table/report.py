@@ -9,7 +9,7 @@ import numpy as np
 
 from fashionhash.table.dataset import Data, read_json
 from fashionhash.table.plan import ABLATIONS, EXTRA_ROWS, NAIVE_FEATURES, NAIVE_PIXELS, PAPER, SGML_REAL, VARIANTS
-from fashionhash.table.runs import epoch_log, run_dir_of
+from fashionhash.table.runs import epoch_log, parse_run_name, run_dir_of
 
 COLUMNS = [  # (header, key, format)
     ("mAP@all", "map", "{:.4f}"), ("mAP@1000", "map@1000", "{:.4f}"), ("top-1", "top1", "{:.4f}"),
@@ -261,21 +261,18 @@ def run_summary(ds_dir: Path) -> dict:
     plan (lr candidates, seed 0 at the largest bit length, seed 0 at the others, further
     seeds, naive)."""
     groups: dict[str, dict] = {}
-    bits_seen = [int(p.name.rsplit("_", 2)[1]) for p in ds_dir.glob("*_*_s*") if (p / "metrics.json").is_file()]
-    top = max(bits_seen, default=0)
-    for p in sorted(ds_dir.iterdir()):
-        # a run set aside when a later choice replaced its learning rate is not in the table
-        m = read_json(p / "metrics.json") if p.is_dir() and ".lr" not in p.name else None
+    runs = {p: parse_run_name(p.name) for p in sorted(ds_dir.iterdir()) if p.is_dir()}
+    top = max((r[1] for p, r in runs.items() if r and (p / "metrics.json").is_file()), default=0)
+    for p, r in runs.items():
+        m = read_json(p / "metrics.json") if r or p.name.startswith("naive") else None
         if m is None:
             continue
         extra = read_json(p / "table_extra.json") or {}
         real = read_json(p / "metrics_real.json") or {}
-        if p.name.startswith("naive"):
+        if r is None:
             piece = "naive L1"
         else:
-            _, bits, seed = p.name.rsplit("_", 2)
-            piece = (f"seed 0, {top} bits" if int(bits) == top else "seed 0, fewer bits") \
-                if seed == "s0" else "more seeds"
+            piece = (f"seed 0, {top} bits" if r[1] == top else "seed 0, fewer bits") if r[2] == 0 else "more seeds"
         g = groups.setdefault(piece, {"runs": 0, "train_s": 0.0, "eval_s": 0.0})
         g["runs"] += 1
         g["train_s"] += extra.get("train_seconds") or 0.0

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def run_config(d: Data, label: str, bits: int, seed: int, lr: float) -> Config:
 
 def run_dir_of(d: Data, label: str, bits: int, seed: int) -> Path:
     return d.runs / f"{label}_{bits}_s{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int, int] | None:
+    """``(label, bits, seed)`` of a run folder's name as :func:`run_dir_of` makes it; None
+    for anything else in a dataset's folder (the naive rows, ``lr/``, a run set aside as
+    ``<run>.lr<old>``)."""
+    m = re.fullmatch(r"(.+)_(\d+)_s(\d+)", name)
+    return (m[1], int(m[2]), int(m[3])) if m else None
 
 
 def _lr_dir(d: Data, label: str, bits: int, lr: float) -> Path:

@@ -31,8 +31,8 @@ from fashionhash.evaluation.two_stage import (SHORTLISTS, SIGN_BITS, choose_shor
 from fashionhash.losses.core import ItemContrastLoss
 from fashionhash.losses.metric import SoftBinomialDevianceLoss
 from fashionhash.methods.sgml import attribute_granularity
-from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, Labels, PhaseFactory, int8_calibration,
-                                  item_descriptors, item_features, load_run, open_data, save_descriptor)
+from fashionhash.pipeline import (VAL_DAMAGED_SEED, VIEW_SEED, PhaseFactory, int8_calibration, item_descriptors,
+                                  item_features, load_run, open_data, save_descriptor)
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,6 @@ def learn_projection(start: Whitening, views: list[np.ndarray], *, epochs: int, 
             total += float(loss_value.detach()) * len(idx)
         log.info("descriptor projection epoch %d: %s loss %.4f", epoch + 1, loss, total / n)
     return Whitening(start.mean, proj.detach().numpy().astype(np.float32))
-
-
-def granularity_labels(cat, positions: np.ndarray) -> np.ndarray:
-    """``(N, 1 + A)`` int64 of catalogue items: class, then the graded attributes (-1 missing),
-    what the sgml projection loss compares."""
-    lab = Labels.build(cat, sorted(set(cat.labels)))
-    return np.concatenate([lab.y[positions, None], lab.attrs[positions]], axis=1)
 
 
 def fit_descriptor(run_dir: str | Path, *, phase: PhaseFactory | None = None) -> dict:
