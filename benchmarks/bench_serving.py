@@ -43,6 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from fashionhash.serving.service import ServiceConfig  # noqa: E402
 
 N_SYNTHETIC = 44_000
 N_BITS = 64
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shortlist", type=int, default=0,
                    help="Hamming shortlist the descriptors re-rank on a two-stage index (0: the run's choice)")
     p.add_argument("--codes-only", action="store_true", help="rank by Hamming distance alone")
+    p.add_argument("--photo-batch", type=int, default=ServiceConfig.photo_batch,
+                   help="photo uploads encoded together at most (1: each on its own)")
     p.add_argument("--browse", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the filtered similar-item query and the catalogue page")
     p.add_argument("--append", action="store_true",
@@ -292,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.server:
-        from fashionhash.serving import ServiceConfig
-
-        config = ServiceConfig(two_stage=not args.codes_only, shortlist=args.shortlist)
+        config = ServiceConfig(two_stage=not args.codes_only, shortlist=args.shortlist,
+                               photo_batch=args.photo_batch)
         serve_main(str(args.index), str(args.run) if args.run else None, args.port, args.plain_uvicorn, config)
         return 0
 
@@ -341,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--run", str(run)]
     if args.plain_uvicorn:
         cmd.append("--plain-uvicorn")
-    cmd += ["--shortlist", str(args.shortlist)] + ["--codes-only"] * args.codes_only
+    cmd += ["--shortlist", str(args.shortlist), "--photo-batch", str(args.photo_batch)]
+    cmd += ["--codes-only"] * args.codes_only
     load_before = os.getloadavg()
     proc = subprocess.Popen(cmd)
     rows = []
@@ -402,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{x:.1f}' for x in load_before)} / {' '.join(f'{x:.1f}' for x in load_after)} "
         "(other jobs share this machine).",
         "",
-        f"Ranking of the searches: {ranking_text(ranking, n_items)}.",
+        f"Ranking of the searches: {ranking_text(ranking, n_items)}. Photo uploads waiting at the same "
+        f"time are encoded together, up to {args.photo_batch} (`ServiceConfig.photo_batch`; 1: each on "
+        f"its own, two at once).",
         "",
         "| request | requests | clients | p50 ms | p90 ms | p99 ms | max ms | server search_ms p50 / p99 "
         "| requests/s | errors |",

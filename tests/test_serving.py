@@ -596,14 +596,18 @@ def test_cli_serve_refuses_a_busy_port(tiny_run, tiny_index, capsys):
 
 
 def test_cli_serve_passes_the_ranking_options(tiny_run, tiny_index, monkeypatch):
-    """`fashionhash serve --shortlist R` / `--codes-only` reach the service (the server is stubbed)."""
+    """`fashionhash serve --shortlist R` / `--codes-only` / `--photo-batch N` reach the service
+    (the server is stubbed); a batch under 1 is refused."""
     import fashionhash.serving.app as app_module
 
     calls = []
     monkeypatch.setattr(app_module, "serve", lambda *a, **kw: calls.append(kw))
     base = ["serve", str(tiny_run), "--index", str(tiny_index), "--port", "0"]
     assert main(base) == 0 and main([*base, "--shortlist", "1000"]) == 0 and main([*base, "--codes-only"]) == 0
-    assert [(c["two_stage"], c["shortlist"]) for c in calls] == [(True, 0), (True, 1000), (False, 0)]
+    assert main([*base, "--photo-batch", "1"]) == 0 and main([*base, "--photo-batch", "0"]) == 2
+    assert [(c["two_stage"], c["shortlist"], c["photo_batch"]) for c in calls] == [
+        (True, 0, ServiceConfig.photo_batch), (True, 1000, ServiceConfig.photo_batch),
+        (False, 0, ServiceConfig.photo_batch), (True, 0, 1)]
 
 
 def test_demo_indexes_then_serves(tiny_kaggle, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -15,7 +16,9 @@ from fashionhash.cli import main  # noqa: E402
 from fashionhash.evaluation.two_stage import SHORTLISTS  # noqa: E402
 from fashionhash.index import HashIndex  # noqa: E402
 from fashionhash.index.build import IndexInfo, build_index  # noqa: E402
+from fashionhash.pipeline import load_run  # noqa: E402
 from fashionhash.serving import SearchService, ServiceConfig  # noqa: E402
+from fashionhash.serving.service import BadRequest  # noqa: E402
 
 from test_serving import TINY_RUN_ARGS  # noqa: E402
 
@@ -90,6 +93,44 @@ def test_photo_search_is_two_stage_and_finds_the_photo_first(ts_service):
     similar = ts_service.similar(item_id, k=5)
     assert similar["ranking"]["stage"] == "two-stage" and item_id not in [r["id"] for r in similar["results"]]
     assert ts_service.stats()["ranking"]["stage"] == "two-stage"
+
+
+def test_photos_encoded_together_match_one_by_one(ts_run, ts_index):
+    """The batcher's path (several photos in one backbone call per scale) gives each photo
+    the code and descriptor it gets alone; a bad photo among them fails alone."""
+    from fashionhash.data.transforms import ImageError
+    from fashionhash.index.build import encode_photo_two_stage, encode_photos
+
+    run = load_run(ts_run)
+    index = HashIndex.open(ts_index)
+    try:
+        datas = [Path(m["image_path"]).read_bytes() for m in index.get_many(index.index.ids()[:5].tolist())]
+    finally:
+        index.close()
+    together = encode_photos(run, [datas[0], b"not an image", *datas[1:]], descriptor=True)
+    assert isinstance(together[1], ImageError)
+    for data, got in zip(datas, [together[0], *together[2:]], strict=True):
+        code, desc = encode_photo_two_stage(run, data)
+        np.testing.assert_array_equal(got[0], code)
+        np.testing.assert_allclose(got[1], desc, atol=1e-4)
+
+
+def test_concurrent_photo_searches_are_batched_and_answered_as_alone(ts_service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = [int(i) for i in ts_service.index.index.ids()[:6]]
+    datas = [Path(ts_service.index.get(i)["image_path"]).read_bytes() for i in ids]
+    alone = [[r["id"] for r in ts_service.search_image(d, k=5)["results"]] for d in datas]
+
+    def search(d: bytes):
+        try:
+            return [r["id"] for r in ts_service.search_image(d, k=5)["results"]]
+        except BadRequest as e:
+            return e
+
+    with ThreadPoolExecutor(7) as pool:
+        together = list(pool.map(search, [*datas, b"\xff\xd8\xff broken jpeg"]))
+    assert together[:6] == alone and isinstance(together[6], BadRequest)
 
 
 def test_a_large_query_photo_is_shrunk_to_the_catalogues_size(ts_service):

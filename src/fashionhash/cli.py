@@ -471,10 +471,11 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, token: str | None,
-                   two_stage: bool = True, shortlist: int = 0) -> int:
+                   two_stage: bool = True, shortlist: int = 0, photo_batch: int | None = None) -> int:
     import os
 
     from fashionhash.serving.app import serve
+    from fashionhash.serving.service import ServiceConfig
 
     if not _port_free(host, port):
         print(f"fashionhash: error: {host}:{port} is in use: choose another with --port", file=sys.stderr)
@@ -483,7 +484,7 @@ def _serve_verbose(run_dir: Path | None, index: Path, host: str, port: int, toke
     print(f"serving {index} on http://{host}:{port}  (Ctrl-C to stop; "
           f"{'writes need the bearer token' if token else 'read-only: no --token'})", flush=True)
     serve(run_dir, index, host=host, port=port, token=token, two_stage=two_stage, shortlist=shortlist,
-          log_level="warning")
+          photo_batch=photo_batch or ServiceConfig.photo_batch, log_level="warning")
     return 0
 
 
@@ -496,12 +497,16 @@ def _index_is_current(run_dir: Path, index: Path) -> bool:
 
 
 def _cmd_serve(args) -> int:
+    if args.photo_batch is not None and args.photo_batch < 1:
+        print("fashionhash: error: --photo-batch must be at least 1", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir)
     index = Path(args.index) if args.index else run_dir / "index"
     if not index.exists():
         print(f"no index at {index}: building it")
         _build_index_verbose(run_dir, index, "mih", "all", False, args.quiet)
-    return _serve_verbose(run_dir, index, args.host, args.port, args.token, not args.codes_only, args.shortlist)
+    return _serve_verbose(run_dir, index, args.host, args.port, args.token, not args.codes_only, args.shortlist,
+                          args.photo_batch)
 
 
 def _demo_index_and_serve(args, run_dir: Path) -> int:
@@ -570,6 +575,9 @@ def _add_serving_commands(sub) -> None:
                    help="rank by Hamming distance alone, even where the index stores descriptors")
     v.add_argument("--shortlist", type=int, default=0,
                    help="Hamming candidates the descriptors re-rank (default: the size chosen on val)")
+    v.add_argument("--photo-batch", type=int,
+                   help="photo searches that wait at the same time are encoded together, up to this many "
+                        "(1: each on its own; default 4, ServiceConfig.photo_batch)")
     v.set_defaults(func=_cmd_serve)
 
 

@@ -374,27 +374,52 @@ def _decode_upload(run: "Run", data: bytes):
     return img
 
 
-def _encoded(ok: np.ndarray) -> None:
-    if not ok[0]:  # cannot happen for a decoded image, but never index a zero code
-        from fashionhash.data.transforms import ImageError
+def encode_photos(run: "Run", datas: Sequence[bytes], *, descriptor: bool = False) -> list[Any]:
+    """Photos' bytes encoded together, one backbone call per scale for all of them (what
+    concurrent uploads share). Per photo, in order: its packed code ``(1, B)`` and, with
+    ``descriptor`` (two-stage search), its whitened descriptor ``(1, d)`` float32 (else
+    None), or the ``ImageError`` its bytes raised (empty, not an image, truncated, too many
+    pixels): one bad photo does not fail the others."""
+    from fashionhash.data.transforms import ImageError
 
-        raise ImageError("upload", "could not be encoded")
+    out: list[Any] = [None] * len(datas)
+    images, where = [], []
+    for i, data in enumerate(datas):
+        try:
+            images.append(_decode_upload(run, data))
+            where.append(i)
+        except ImageError as e:
+            out[i] = e
+    if not images:
+        return out
+    if descriptor:
+        real, desc, ok = run.encode_two_stage(images)
+    else:
+        (real, ok), desc = run.encode_sources(images, num_workers=0), None
+    packed = C.pack(real)
+    for j, i in enumerate(where):
+        # cannot happen for a decoded image, but never index a zero code
+        out[i] = ((packed[j:j + 1], None if desc is None else desc[j:j + 1]) if ok[j]
+                  else ImageError("upload", "could not be encoded"))
+    return out
+
+
+def _only(results: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return results[0]
 
 
 def encode_photo(run: "Run", data: bytes) -> np.ndarray:
     """One photo's bytes -> its packed code ``(1, B)``. Raises ``ImageError`` when the
     bytes are not a readable image (empty, not an image, truncated, too many pixels)."""
-    real, ok = run.encode_sources([_decode_upload(run, data)], num_workers=0)
-    _encoded(ok)
-    return C.pack(real)
+    return _only(encode_photos(run, [data]))[0]
 
 
 def encode_photo_two_stage(run: "Run", data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """One photo's bytes -> packed code ``(1, B)`` and whitened descriptor ``(1, d)`` float32
     (one backbone pass at the model's size, one more per other descriptor scale)."""
-    real, desc, ok = run.encode_two_stage([_decode_upload(run, data)])
-    _encoded(ok)
-    return C.pack(real), desc
+    return _only(encode_photos(run, [data], descriptor=True))
 
 
 def encode_for_index(run: "Run", index: HashIndex, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:

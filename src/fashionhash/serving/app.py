@@ -307,19 +307,22 @@ def serve(
     max_upload_bytes: int = ServiceConfig.max_upload_bytes,
     two_stage: bool = ServiceConfig.two_stage,
     shortlist: int = ServiceConfig.shortlist,
+    photo_batch: int = ServiceConfig.photo_batch,
     log_level: str = "info",
 ) -> None:
     """Load the run and the index once and serve the API + page until interrupted.
 
     ``token`` (default ``$FASHIONHASH_TOKEN``) enables ``POST /items`` and
-    ``DELETE /items/{id}``; without one the index is read-only over HTTP. ``two_stage`` and
-    ``shortlist``: see :class:`ServiceConfig` (a smaller shortlist answers faster)."""
+    ``DELETE /items/{id}``; without one the index is read-only over HTTP. ``two_stage``,
+    ``shortlist`` and ``photo_batch``: see :class:`ServiceConfig` (a smaller shortlist
+    answers faster)."""
     import uvicorn
 
     token = token if token is not None else os.environ.get("FASHIONHASH_TOKEN") or None
     service = SearchService.open(run_dir, index_path,
                                  ServiceConfig(token=token, max_upload_bytes=max_upload_bytes,
-                                               two_stage=two_stage, shortlist=shortlist))
+                                               two_stage=two_stage, shortlist=shortlist,
+                                               photo_batch=photo_batch))
     service.warmup()
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level=log_level, access_log=False)

@@ -27,10 +27,10 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.descriptors import dequantize, quantize
 from fashionhash.index import BinaryIndex, HashIndex
+from fashionhash.serving.batching import PhotoBatcher
 from fashionhash.index.build import (
     IndexInfo,
-    encode_photo,
-    encode_photo_two_stage,
+    encode_photos,
     image_suffix,
     next_id,
     remove_photo,
@@ -95,7 +95,10 @@ class ServiceConfig:
     token: bearer token required by ``add_item``/``delete_item`` requests (None: writes
         are refused). max_upload_bytes: largest accepted photo upload. max_k: largest k.
     max_page: largest page of ``list_items``. max_concurrent_encodes: photos decoded and
-        encoded at once (each decode may hold up to ~120 MB for a 40 MP photo).
+        encoded at once outside the batcher (each decode may hold up to ~120 MB for a 40 MP
+        photo). photo_batch: photo searches that wait at the same time are encoded together,
+        up to this many (:mod:`fashionhash.serving.batching`; 1: each on its own, up to
+        ``max_concurrent_encodes`` at once).
     two_stage: re-rank the Hamming shortlist by the index's descriptors when it stores
         them (False: codes alone, the paper's single stage). shortlist: its size (0: the one
         chosen on the validation split, recorded in the index).
@@ -108,6 +111,7 @@ class ServiceConfig:
     max_k: int = 100
     max_page: int = 200
     max_concurrent_encodes: int = 2
+    photo_batch: int = 4
 
 
 class SearchService:
@@ -142,6 +146,11 @@ class SearchService:
         self.shortlist = self._two_stage_shortlist(run, index, info) if self.config.two_stage else None
         if self.shortlist is not None and self.config.shortlist:
             self.shortlist = int(self.config.shortlist)
+        self._batcher = None
+        if run is not None and self.config.photo_batch > 1:
+            two_stage = self.shortlist is not None
+            self._batcher = PhotoBatcher(lambda datas: encode_photos(run, datas, descriptor=two_stage),
+                                         self.config.photo_batch)
         self._started = time.time()
 
     @staticmethod
@@ -185,7 +194,9 @@ class SearchService:
         log.info("model warmed up in %.1fs", time.perf_counter() - t0)
 
     def close(self) -> None:
-        """Close the index (every write was already saved)."""
+        """Stop the photo batcher and close the index (every write was already saved)."""
+        if self._batcher is not None:
+            self._batcher.close()
         self.index.close()
 
     # ---------------------------------------------------------------- validation
@@ -234,18 +245,22 @@ class SearchService:
 
     def _encode(self, data: bytes, *, descriptor: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Packed code ``(1, B)`` of an uploaded photo and, with ``descriptor`` (two-stage
-        search or an index that stores descriptors), its float descriptor ``(1, d)``."""
+        search or an index that stores descriptors), its float descriptor ``(1, d)``.
+        Searches go through the batcher (its descriptor setting is the search's)."""
         from fashionhash.data.transforms import ImageError
 
         if self.run is None:
             raise Unavailable("this service has no model loaded: photo search is unavailable")
-        with self._encode_slots:
-            try:
-                if descriptor:
-                    return encode_photo_two_stage(self.run, data)
-                return encode_photo(self.run, data), None
-            except ImageError as e:
-                raise BadRequest(f"unreadable image: {e.reason}") from None
+        try:
+            if self._batcher is not None and descriptor == (self.shortlist is not None):
+                return self._batcher(data)
+            with self._encode_slots:
+                result = encode_photos(self.run, [data], descriptor=descriptor)[0]
+            if isinstance(result, ImageError):
+                raise result
+            return result
+        except ImageError as e:
+            raise BadRequest(f"unreadable image: {e.reason}") from None
 
     # ---------------------------------------------------------------- caches
 
