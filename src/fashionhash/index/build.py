@@ -404,22 +404,25 @@ def encode_photos(run: "Run", datas: Sequence[bytes], *, descriptor: bool = Fals
     return out
 
 
-def _only(results: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    if isinstance(results[0], Exception):
-        raise results[0]
-    return results[0]
+def encode_upload(run: "Run", data: bytes, *, descriptor: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One photo's bytes -> its packed code ``(1, B)`` and, with ``descriptor``, its
+    whitened descriptor ``(1, d)`` float32 (else None). Raises ``ImageError`` when the bytes
+    are not a readable image (empty, not an image, truncated, too many pixels)."""
+    result = encode_photos(run, [data], descriptor=descriptor)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def encode_photo(run: "Run", data: bytes) -> np.ndarray:
-    """One photo's bytes -> its packed code ``(1, B)``. Raises ``ImageError`` when the
-    bytes are not a readable image (empty, not an image, truncated, too many pixels)."""
-    return _only(encode_photos(run, [data]))[0]
+    """One photo's bytes -> its packed code ``(1, B)`` (see :func:`encode_upload`)."""
+    return encode_upload(run, data)[0]
 
 
 def encode_photo_two_stage(run: "Run", data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """One photo's bytes -> packed code ``(1, B)`` and whitened descriptor ``(1, d)`` float32
     (one backbone pass at the model's size, one more per other descriptor scale)."""
-    return _only(encode_photos(run, [data], descriptor=True))
+    return encode_upload(run, data, descriptor=True)
 
 
 def encode_for_index(run: "Run", index: HashIndex, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:

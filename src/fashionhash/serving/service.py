@@ -27,15 +27,16 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.descriptors import dequantize, quantize
 from fashionhash.index import BinaryIndex, HashIndex
-from fashionhash.serving.batching import PhotoBatcher
 from fashionhash.index.build import (
     IndexInfo,
     encode_photos,
+    encode_upload,
     image_suffix,
     next_id,
     remove_photo,
     store_photo,
 )
+from fashionhash.serving.batching import PhotoBatcher
 
 if TYPE_CHECKING:
     from fashionhash.pipeline import Run
@@ -255,10 +256,7 @@ class SearchService:
             if self._batcher is not None and descriptor == (self.shortlist is not None):
                 return self._batcher(data)
             with self._encode_slots:
-                result = encode_photos(self.run, [data], descriptor=descriptor)[0]
-            if isinstance(result, ImageError):
-                raise result
-            return result
+                return encode_upload(self.run, data, descriptor=descriptor)
         except ImageError as e:
             raise BadRequest(f"unreadable image: {e.reason}") from None
 
