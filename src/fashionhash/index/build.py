@@ -428,10 +428,8 @@ def encode_photo_two_stage(run: "Run", data: bytes) -> tuple[np.ndarray, np.ndar
 def encode_for_index(run: "Run", index: HashIndex, data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     """What ``index.add`` needs for one photo: its packed code and, when the index stores
     descriptors, its int8 descriptor ``(1, d)``."""
-    if index.descriptor_dim is None:
-        return encode_photo(run, data), None
-    packed, desc = encode_photo_two_stage(run, data)
-    return packed, quantize(desc)
+    packed, desc = encode_upload(run, data, descriptor=index.descriptor_dim is not None)
+    return packed, None if desc is None else quantize(desc)
 
 
 def add_images(

@@ -147,11 +147,12 @@ class SearchService:
         self.shortlist = self._two_stage_shortlist(run, index, info) if self.config.two_stage else None
         if self.shortlist is not None and self.config.shortlist:
             self.shortlist = int(self.config.shortlist)
+        # photo searches (descriptor iff two-stage) go through the batcher; other encodes do not
+        self._batch_descriptor = self.shortlist is not None
         self._batcher = None
         if run is not None and self.config.photo_batch > 1:
-            two_stage = self.shortlist is not None
-            self._batcher = PhotoBatcher(lambda datas: encode_photos(run, datas, descriptor=two_stage),
-                                         self.config.photo_batch)
+            self._batcher = PhotoBatcher(
+                lambda datas: encode_photos(run, datas, descriptor=self._batch_descriptor), self.config.photo_batch)
         self._started = time.time()
 
     @staticmethod
@@ -247,13 +248,14 @@ class SearchService:
     def _encode(self, data: bytes, *, descriptor: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Packed code ``(1, B)`` of an uploaded photo and, with ``descriptor`` (two-stage
         search or an index that stores descriptors), its float descriptor ``(1, d)``.
-        Searches go through the batcher (its descriptor setting is the search's)."""
+        Photo searches go through the batcher; an added item's encode, which may want the
+        descriptor when searches do not, does not."""
         from fashionhash.data.transforms import ImageError
 
         if self.run is None:
             raise Unavailable("this service has no model loaded: photo search is unavailable")
         try:
-            if self._batcher is not None and descriptor == (self.shortlist is not None):
+            if self._batcher is not None and descriptor == self._batch_descriptor:
                 return self._batcher(data)
             with self._encode_slots:
                 return encode_upload(self.run, data, descriptor=descriptor)
