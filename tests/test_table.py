@@ -203,3 +203,11 @@ def test_run_summary_counts_table_runs_only(tmp_path):
     g = run_summary(tmp_path)["groups"]
     assert {k: (v["runs"], v["train_s"] / 60) for k, v in g.items()} == {
         "seed 0, 64 bits": (1, 10), "more seeds": (1, 20), "seed 0, fewer bits": (1, 5)}
+
+
+def test_protocol_line_says_whether_val_chose_the_rate():
+    from fashionhash.table.build import _lr_rule
+
+    assert _lr_rule((3e-4, 1e-3)) == "with the learning rate chosen on val among 0.0003, 0.001 at seed 0"
+    one = _lr_rule((1e-3,))  # e.g. a rate chosen by an earlier invocation, given alone
+    assert "0.001" in one and "no choice on val" in one and "chosen on val among" not in one

@@ -98,8 +98,14 @@ def _protocol(d: Data, runs: Path) -> str:
             f"({len(s.protocol['classes'])} classes; relevance = same {dcfg.label_key}); "
             f"{m.backbone} {m.mode} at {m.image_size} px, head {m.hidden} wide; every learned method "
             f"trains until val {d.cfg.train.select_metric} has not improved for {p.patience} epochs "
-            f"(at most {p.max_epochs}) and keeps its best val epoch, with the learning rate chosen on "
-            f"val among {', '.join(f'{lr:g}' for lr in p.lrs)} at seed 0; split `{split}`.")
+            f"(at most {p.max_epochs}) and keeps its best val epoch, {_lr_rule(p.lrs)}; split `{split}`.")
+
+
+def _lr_rule(lrs: tuple[float, ...]) -> str:
+    # one rate given (`--lrs`, e.g. one chosen by an earlier invocation) is no choice on val
+    if len(lrs) == 1:
+        return f"at the one learning rate given ({lrs[0]:g}, `--lrs`: no choice on val here)"
+    return f"with the learning rate chosen on val among {', '.join(f'{lr:g}' for lr in lrs)} at seed 0"
 
 
 def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
