@@ -79,6 +79,20 @@ def test_val_same_product_scores():
     assert out["same_product_top1"] == 0.5 and out["same_product_top10"] == 1.0
 
 
+def test_val_scores_do_not_follow_a_class_sorted_database():
+    from fashionhash.training.trainer import _val_metrics
+
+    # every code equal: one tie group of 500 + 500 items listed class by class. Ranked by
+    # index, class 0's queries would find all theirs first (AP 1) and class 1's last (AP ~0.31):
+    # map@1000 ~0.65. In a random order each class is spread through the tie: ~0.5.
+    db, val = np.ones((1000, 16)), np.ones((40, 16))
+    db_y, val_y = np.repeat([0, 1], 500), np.repeat([0, 1], 20)
+    out = _val_metrics(val, db, val_y, db_y)
+    assert abs(out["map@1000"] - 0.5) < 0.05, out
+    assert out["top1"] == 0.5  # tie-aware, order or not
+    assert out == _val_metrics(val, db, val_y, db_y)  # a fixed order: reproducible
+
+
 def test_select_metric_must_exist_on_val(synthetic_fmnist, tmp_path, capsys):
     # finetune mode validates class-level scores only
     args = _fm(synthetic_fmnist, "train.epochs=1", "train.select_metric=same_product_top10")

@@ -16,7 +16,7 @@ import numpy as np
 from fashionhash import codes as C
 from fashionhash.data.catalogue import GRADED_ATTRIBUTES
 from fashionhash.evaluation.metrics import (evaluate_retrieval, ndcg_at_k, ndcg_from_order, plot_pr_curves,
-                                            rerank_key, same_item_topk)
+                                            rerank_key, same_item_topk, tie_order)
 from fashionhash.evaluation.two_stage import (catalogue_gains, descriptor_only_hits, shortlist_codes,
                                               two_stage_hits, two_stage_topk)
 from fashionhash.pipeline import DAMAGED_SEED, PhaseFactory, item_descriptors, item_inputs, load_run, open_data
@@ -122,10 +122,13 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
     q_packed, db_packed = C.pack(q_real), C.pack(db_real)
     keys = tuple(k for k in GRADED_ATTRIBUTES if k in cat.attrs)
     labels = cat.labels
+    # ranked in a fixed random order of the database (ties by index would follow the ids)
+    o = tie_order(len(pos_db))
+    pos_r, db_r = pos_db[o], db_packed[o]
     metrics = evaluate_retrieval(
-        q_packed, db_packed, run.n_bits, labels[pos_q], labels[pos_db],
+        q_packed, db_r, run.n_bits, labels[pos_q], labels[pos_r],
         query_attrs={k: cat.attrs[k][pos_q] for k in keys} if keys else None,
-        db_attrs={k: cat.attrs[k][pos_db] for k in keys} if keys else None,
+        db_attrs={k: cat.attrs[k][pos_r] for k in keys} if keys else None,
         attr_keys=keys, query_real=q_real,
     )
     pr = metrics.pop("pr_curve", None)
@@ -137,12 +140,12 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
         dam_real, dam_ok = _encode_items(run, cat, dam_pos, augment_seed=DAMAGED_SEED,
                                          strength=cfg.data.augment_strength, phase=phase,
                                          label="encode damaged copies")
-        gallery = np.concatenate([db_packed, q_packed])
+        gallery = np.concatenate([db_r, q_packed])
         true_index = len(db_packed) + np.arange(n_dam)
         metrics.update(same_product_eval(dam_real[dam_ok], gallery, true_index[dam_ok], run.n_bits))
         metrics["n_damaged"] = int(dam_ok.sum())
         # one graded score of every granularity: the very product, its design, its type
-        gains = catalogue_gains(cat, dam_pos[dam_ok], np.concatenate([pos_db, pos_q]), true_index[dam_ok])
+        gains = catalogue_gains(cat, dam_pos[dam_ok], np.concatenate([pos_r, pos_q]), true_index[dam_ok])
         metrics["graded_ndcg@10"] = ndcg_at_k(C.hamming(C.pack(dam_real[dam_ok]), gallery), gains, 10)
         if cfg.descriptor.kind != "none":
             metrics.update(two_stage_eval(run, cat, pos_db, db_packed, pos_q, q_packed, dam_real, dam_ok,

@@ -35,7 +35,7 @@ from fashionhash.config import Config, TrainConfig, git_commit, load_config, sav
 from fashionhash.distributed import DistInfo
 from fashionhash.files import write_via_temp
 from fashionhash.evaluation.metrics import (
-    mean_average_precision, ndcg_at_k, relevance_from_labels, same_item_topk, top1_expected,
+    mean_average_precision, ndcg_at_k, relevance_from_labels, same_item_topk, tie_order, top1_expected,
 )
 from fashionhash.evaluation.two_stage import catalogue_gains
 from fashionhash.pipeline import (
@@ -144,6 +144,10 @@ def _val_metrics(q_real, db_real, q_y, db_y, damaged_real=None, damaged_rows=Non
     (damaged copies of the val items ``damaged_rows``), also their same-product top-1 /
     top-10 and graded nDCG@10 (``gains``) against the database + the val originals, as
     ``evaluate`` does for the test queries."""
+    o = tie_order(len(db_real))  # the database in a fixed random order: ties are not class-sorted
+    db_real, db_y = db_real[o], np.asarray(db_y)[o]
+    if gains is not None:  # columns: database, then the val originals
+        gains = gains[:, np.concatenate([o, np.arange(len(o), gains.shape[1])])]
     q_packed, db_packed = C.pack(q_real), C.pack(db_real)
     dist = C.hamming(q_packed, db_packed)
     rel = relevance_from_labels(q_y, db_y)
