@@ -69,11 +69,12 @@ def _descriptors(run, cat, positions, *, phase=None, label="", **kw) -> np.ndarr
 
 
 def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: np.ndarray,
-                   q_packed: np.ndarray, dam_real: np.ndarray, dam_ok: np.ndarray, gains: np.ndarray, *,
+                   q_packed: np.ndarray, dam_real: np.ndarray, dam_ok: np.ndarray, *,
                    phase: PhaseFactory | None = None) -> dict:
     """Same-product scores of two-stage search for the damaged copies ``dam_real`` of the
     first ``len(dam_ok)`` queries (those with ``dam_ok``) against the database plus the query
-    originals, at the shortlist size chosen on val when the descriptor was fitted."""
+    originals, at the shortlist size chosen on val when the descriptor was fitted, and their
+    graded nDCG@10 (gains of this gallery, in its order)."""
     if run.descriptor is None:
         raise ValueError(f"{run.path} has descriptor.kind={run.cfg.descriptor.kind!r} but no fitted "
                          f"descriptor: run `fashionhash fit-descriptor {run.path}`")
@@ -88,6 +89,7 @@ def two_stage_eval(run, cat, pos_db: np.ndarray, db_packed: np.ndarray, pos_q: n
     g_packed = np.concatenate([db_packed, q_packed])
     g_ids = np.concatenate([cat.ids[pos_db], cat.ids[pos_q]])
     true = len(pos_db) + np.flatnonzero(dam_ok)
+    gains = catalogue_gains(cat, pos_q[:len(dam_ok)][dam_ok], np.concatenate([pos_db, pos_q]), true)
     dam_short = shortlist_codes(mapping, C.pack(dam_real[dam_ok]), dam_desc)
     g_short = shortlist_codes(mapping, g_packed, g_desc)
     hits = two_stage_hits(dam_short, dam_desc, g_short, g_desc, g_ids, true, [r])[r]
@@ -148,8 +150,10 @@ def evaluate_run(run_dir: str | Path, *, phase: PhaseFactory | None = None,
         gains = catalogue_gains(cat, dam_pos[dam_ok], np.concatenate([pos_r, pos_q]), true_index[dam_ok])
         metrics["graded_ndcg@10"] = ndcg_at_k(C.hamming(C.pack(dam_real[dam_ok]), gallery), gains, 10)
         if cfg.descriptor.kind != "none":
+            # in the stored order: the descriptors' feature cache is keyed by the positions, and
+            # the shortlist breaks its ties by id (as the index does), so the order is moot
             metrics.update(two_stage_eval(run, cat, pos_db, db_packed, pos_q, q_packed, dam_real, dam_ok,
-                                          gains, phase=phase))
+                                          phase=phase))
 
     metrics.update({
         "n_bits": run.n_bits, "n_query": int(len(pos_q)), "n_database": int(len(pos_db)),

@@ -12,6 +12,8 @@ Shapes and conventions shared by every function here:
   (``np.argsort(dist, axis=1, kind="stable")``). Hash codes produce massive ties (only
   ``n_bits + 1`` distinct distances), so this deterministic order is part of the definition
   of every ranking metric; it makes results reproducible and independent of sort algorithm.
+  The project's evaluation lists the database in :func:`tie_order` (a seeded random order)
+  first, so that a catalogue whose ids are grouped by class does not decide the ties.
   ``top1_expected`` and ``same_item_topk`` instead average over a uniformly random order of
   the tied items, which is what a user of a Hamming index actually experiences.
 * Every metric is a macro-average over queries (each query weighs the same).
