@@ -142,7 +142,8 @@ def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: lis
 
 def _general_notes(load: float) -> list[str]:
     return [
-        "mAP@all / mAP@1000: DeepHash definition, ties broken by a fixed random order of the database (`tie_order`). top-1: tie-aware "
+        "mAP@all / mAP@1000: DeepHash definition, ties broken by a fixed random order of the "
+        "database (`tie_order`). top-1: tie-aware "
         "expected precision of the closest match (the paper's metric). P@H≤2: precision within "
         "Hamming radius 2 (hashing rows only). nDCG@10: graded gains = fraction of articleType, "
         "baseColour, gender, usage, season that agree. Same-product: damaged copies of the "
