@@ -211,3 +211,23 @@ def test_protocol_line_says_whether_val_chose_the_rate():
     assert _lr_rule((3e-4, 1e-3)) == "with the learning rate chosen on val among 0.0003, 0.001 at seed 0"
     one = _lr_rule((1e-3,))  # e.g. a rate chosen by an earlier invocation, given alone
     assert "0.001" in one and "no choice on val" in one and "chosen on val among" not in one
+
+
+def test_naive_rows_do_not_follow_a_class_sorted_database():
+    """The real-valued rows list the database in the evaluation's tie order: 500 items of the
+    queries' class then 500 of another, all at the same distance (identical vectors), would
+    score mAP@1000 1.0 if ties went by stored index; listed at random, about 0.5."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fashionhash.table.real import _real_eval
+
+    labels = np.r_[np.zeros(500, int), np.ones(500, int), np.zeros(20, int)]
+    colour = np.where(labels == 0, "red", "blue").astype(object)
+    d = SimpleNamespace(pos_db=np.arange(1000), pos_q=np.arange(1000, 1020), keys=("colour",),
+                        labels=lambda pos: labels[pos], attrs=lambda pos: {"colour": colour[pos]})
+    q, db = np.ones((20, 4), np.float32), np.zeros((1000, 4), np.float32)
+    m = _real_eval(d, q, db, None, None, "l1")
+    assert 0.35 < m["map@1000"] < 0.65
+    assert m["top1"] == pytest.approx(0.5)  # tie-aware: the order cannot move it

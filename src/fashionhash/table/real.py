@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fashionhash.evaluation.metrics import tie_order
 from fashionhash.evaluation.naive import l1_distances, pixel_vectors, rank_metrics
 from fashionhash.pipeline import DAMAGED_SEED, load_run
 from fashionhash.table.dataset import Data, write_json
@@ -23,13 +24,17 @@ QUERY_K = 100  # query time: top-100 of every query (one result page plus margin
 def _real_eval(d: Data, q: np.ndarray, db: np.ndarray, dam: np.ndarray | None, dam_ok: np.ndarray | None,
                metric: str) -> dict:
     """Scores of queries ``q (Q, F)`` against the database ``db (D, F)``, and of damaged
-    copies ``dam (Q', F)`` against database + queries (exhaustive ranking)."""
+    copies ``dam (Q', F)`` against database + queries (exhaustive ranking). The database is
+    listed in ``tie_order``, as ``evaluate_run`` lists it: integer pixel L1 distances tie, and
+    Fashion-MNIST's ids are sorted by class."""
     workers = os.cpu_count() or 1
-    m = rank_metrics(q, db, d.labels(d.pos_q), d.labels(d.pos_db), metric=metric,
-                     query_attrs=d.attrs(d.pos_q), db_attrs=d.attrs(d.pos_db), attr_keys=d.keys,
+    o = tie_order(len(db))
+    db, pos_db = db[o], d.pos_db[o]
+    m = rank_metrics(q, db, d.labels(d.pos_q), d.labels(pos_db), metric=metric,
+                     query_attrs=d.attrs(d.pos_q), db_attrs=d.attrs(pos_db), attr_keys=d.keys,
                      workers=workers)
     if dam is not None and len(dam):
-        true_index = (len(db) + np.arange(len(dam)))[dam_ok]
+        true_index = (len(db) + np.arange(len(dam)))[dam_ok]  # the queries follow the database
         s = rank_metrics(dam[dam_ok], db, None, None, metric=metric, true_index=true_index,
                          db_extra=q, workers=workers)
         m.update({k.replace("same_item", "same_product"): v for k, v in s.items() if k.startswith("same_item")})
