@@ -231,3 +231,28 @@ def test_naive_rows_do_not_follow_a_class_sorted_database():
     m = _real_eval(d, q, db, None, None, "l1")
     assert 0.35 < m["map@1000"] < 0.65
     assert m["top1"] == pytest.approx(0.5)  # tie-aware: the order cannot move it
+
+
+def test_paired_rows_reads_each_row_minus_the_reference():
+    """benchmarks/paired_rows.py: a row ahead at every seed is significant and positive, one
+    that moves both ways is not; seeds one row lacks are left out of the pair."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_rows.py"
+    spec = importlib.util.spec_from_file_location("paired_rows", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(label, top1, seeds=(0, 1, 2)):
+        return {"label": label, "name": label, "bits": 64, "seeds": list(seeds),
+                "per_seed": {"top1": top1, "map@1000": top1}}
+
+    rows = [row("paper", [0.80, 0.81, 0.82, 0.83], seeds=(0, 1, 2, 3)),
+            row("ahead", [0.85, 0.861, 0.869]), row("level", [0.81, 0.80, 0.82])]
+    lines = mod.paired_lines(rows, "paper", 64)
+    ahead, level = lines[2], lines[3]
+    assert ahead.startswith("| ahead | 3 |") and "**+0.0500**" in ahead
+    assert "**" not in level and "+0.0000" in level
+    with pytest.raises(SystemExit):
+        mod.paired_lines(rows, "absent", 64)

@@ -96,7 +96,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
             "seed_spread": spread, "beyond_spread": n > 1 and abs(float(d.mean())) > spread}
 
 
-def _paired_seeds(paper: dict, row: dict, key: str) -> tuple[list[float], list[float]]:
+def paired_seeds(paper: dict, row: dict, key: str) -> tuple[list[float], list[float]]:
+    """The values of ``key`` in two rows of table.json at the seeds both have, in the same order."""
     pa = dict(zip(paper["seeds"], paper["per_seed"].get(key, [])))
     ab = dict(zip(row["seeds"], row["per_seed"].get(key, [])))
     common = [s for s in paper["seeds"] if s in ab and pa.get(s) is not None and ab[s] is not None]
@@ -111,7 +112,7 @@ def paired_notes(rows: list[dict], bits: int) -> list[str]:
     for row in (r for r in rows if r["label"] in ABLATIONS and r["bits"] == bits and paper):
         parts = []
         for key, name in PAIRED_KEYS:
-            a, b = _paired_seeds(paper, row, key)
+            a, b = paired_seeds(paper, row, key)
             if len(a) < 2:
                 continue
             p = paired_difference(a, b)
