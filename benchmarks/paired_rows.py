@@ -30,11 +30,11 @@ def paired_lines(rows: list[dict], against: str, bits: int) -> list[str]:
             continue
         cells, n = [], 0
         for key, _ in PAIRED_KEYS:
-            a, b = paired_seeds(ref, row, key)
-            if len(a) < 2:
+            ref_v, row_v = paired_seeds(ref, row, key)
+            if len(ref_v) < 2:
                 cells.append("–")
                 continue
-            p = paired_difference(b, a)
+            p = paired_difference(row_v, ref_v)
             n = p["n"]
             mark = "**" if p["significant"] else ""
             cells.append(f"{mark}{p['mean']:+.4f}{mark} ± {p['sd']:.4f} ({p['t']:.2f})")
