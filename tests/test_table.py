@@ -256,3 +256,27 @@ def test_paired_rows_reads_each_row_minus_the_reference():
     assert "**" not in level and "+0.0000" in level
     with pytest.raises(SystemExit):
         mod.paired_lines(rows, "absent", 64)
+
+
+def test_edge_notes_name_rates_at_the_grid_ends_and_runs_the_cap_stopped():
+    """The probe that found Fashion-MNIST's rows held back by the grid, as a note: rows at
+    either end of the grid are named (not the ablations, which take the paper's rate, nor
+    SGML's real-valued row), and so is each seed whose last epochs still improved at the cap."""
+    from fashionhash.table.report import edge_notes
+
+    def row(label, lr, epochs, best, seeds=(0,)):
+        r = _row(label, 64, 0.9, 0.9, seeds)
+        r["mean"]["lr"] = lr
+        r["per_seed"] = {"epochs": list(epochs), "best_epoch": list(best)}
+        return r
+
+    rows = [row("csq", 3e-4, (60, 60), (58, 50), (0, 1)), row("dch", 1e-3, (40,), (35,)),
+            row("hashnet", 3e-3, (60,), (55,)), row("adversarial-no-adv", 3e-4, (60,), (56,)),
+            row("lsh", None, (0,), (None,))]
+    notes = edge_notes(rows, [3e-4, 1e-3, 3e-3], 60, 5)
+    assert notes[0] == "Chose the grid's smallest learning rate (0.0003), so a rate beyond it was not tried: CSQ."
+    assert notes[1].endswith("largest learning rate (0.003), so a rate beyond it was not tried: HashNet.")
+    # csq seed 1 stopped by patience at the cap (60 - 50 >= 5); hashnet's best 55 is 5 back: patience
+    assert notes[2] == ("Stopped by the 60-epoch cap while val was still improving (best epoch within 5 of it): "
+                        "CSQ (64 bits, seed 0); ablation: no adversary (w_adv=0) (64 bits, seed 0).")
+    assert len(notes) == 3 and edge_notes(rows, [1e-3], 60, 5) == [notes[2]]

@@ -20,7 +20,7 @@ from fashionhash.table.plan import (
 )
 from fashionhash.table.real import naive_row
 from fashionhash.table.report import (
-    collect, headline, markdown, paired_notes, plot_pr, run_summary, update_headline, update_readme,
+    collect, edge_notes, headline, markdown, paired_notes, plot_pr, run_summary, update_headline, update_readme,
 )
 from fashionhash.table.runs import choose_lrs, train_runs
 
@@ -118,6 +118,7 @@ def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: lis
     timer.pieces["total"] = time.time() - t0
     rows = collect(d, labels, bits_list, extra, max(n_seeds, n_ablation_seeds))
     notes += paired_notes(rows, max(bits_list))
+    notes += edge_notes(rows, list(plan.lrs), plan.max_epochs, plan.patience)
     png = opts.out / f"pr_{plan.key}.png"
     has_png = plot_pr(rows, png, plan.title.split(" (")[0])
     if not d.keys:

@@ -128,6 +128,31 @@ def paired_notes(rows: list[dict], bits: int) -> list[str]:
     return out
 
 
+def edge_notes(rows: list[dict], lrs: list[float], max_epochs: int, patience: int) -> list[str]:
+    """Where the table's own budget may have held a row back: a learning rate chosen at an
+    end of the grid (one beyond it was not tried), and runs that the epoch cap stopped
+    while val was still improving (best epoch within ``patience`` of the cap). Ablations
+    take the paper's rate and the real-valued SGML row is SGML's run, so neither is named
+    for the rate."""
+    def name(r: dict) -> str:
+        return r["name"].replace("**", "")
+
+    own = [r for r in rows if r["label"] != SGML_REAL]
+    out = []
+    for end, side in ((min(lrs), "smallest"), (max(lrs), "largest")) if len(lrs) > 1 else ():
+        names = sorted({name(r) for r in own if r["label"] not in ABLATIONS and r["mean"].get("lr") == end})
+        if names:
+            out.append(f"Chose the grid's {side} learning rate ({end:g}), so a rate beyond it was not "
+                       f"tried: {'; '.join(names)}.")
+    capped = [f"{name(r)} ({r['bits']} bits, seed {seed})" for r in own
+              for seed, n, best in zip(r["seeds"], r["per_seed"].get("epochs", []), r["per_seed"].get("best_epoch", []))
+              if n is not None and best is not None and n >= max_epochs and n - best < patience]
+    if capped:
+        out.append(f"Stopped by the {max_epochs}-epoch cap while val was still improving (best epoch within "
+                   f"{patience} of it): {'; '.join(capped)}.")
+    return out
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     if key not in row["mean"]:
         return "–"
