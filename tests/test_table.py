@@ -277,6 +277,6 @@ def test_edge_notes_name_rates_at_the_grid_ends_and_runs_the_cap_stopped():
     assert notes[0] == "Chose the grid's smallest learning rate (0.0003), so a rate beyond it was not tried: CSQ."
     assert notes[1].endswith("largest learning rate (0.003), so a rate beyond it was not tried: HashNet.")
     # csq seed 1 stopped by patience at the cap (60 - 50 >= 5); hashnet's best 55 is 5 back: patience
-    assert notes[2] == ("Stopped by the 60-epoch cap while val was still improving (best epoch within 5 of it): "
+    assert notes[2] == ("Stopped by the 60-epoch cap, val having improved within the last 5 epochs: "
                         "CSQ (64 bits, seed 0); ablation: no adversary (w_adv=0) (64 bits, seed 0).")
     assert len(notes) == 3 and edge_notes(rows, [1e-3], 60, 5) == [notes[2]]

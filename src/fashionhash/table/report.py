@@ -148,8 +148,8 @@ def edge_notes(rows: list[dict], lrs: list[float], max_epochs: int, patience: in
               for seed, n, best in zip(r["seeds"], r["per_seed"].get("epochs", []), r["per_seed"].get("best_epoch", []))
               if n is not None and best is not None and n >= max_epochs and n - best < patience]
     if capped:
-        out.append(f"Stopped by the {max_epochs}-epoch cap while val was still improving (best epoch within "
-                   f"{patience} of it): {'; '.join(capped)}.")
+        out.append(f"Stopped by the {max_epochs}-epoch cap, val having improved within the last {patience} "
+                   f"epochs: {'; '.join(capped)}.")
     return out
 
 
