@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fashionhash.table.report import PAIRED_KEYS, paired_difference, paired_seeds  # noqa: E402
+from fashionhash.table.report import PAIRED_KEYS, paired_difference, paired_seeds, plain_name  # noqa: E402
 
 
 def paired_lines(rows: list[dict], against: str, bits: int) -> list[str]:
@@ -24,7 +24,7 @@ def paired_lines(rows: list[dict], against: str, bits: int) -> list[str]:
     if ref is None:
         raise SystemExit(f"no row {against!r} at {bits} bits")
     head = " | ".join(f"{name} (row minus it, t)" for _, name in PAIRED_KEYS)
-    out = [f"| {bits} bits, minus {ref['name'].strip('*')} | seeds | {head} |", "|---|---:|" + "---:|" * len(PAIRED_KEYS)]
+    out = [f"| {bits} bits, minus {plain_name(ref)} | seeds | {head} |", "|---|---:|" + "---:|" * len(PAIRED_KEYS)]
     for row in rows:
         if row is ref or row["bits"] != bits:
             continue

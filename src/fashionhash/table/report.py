@@ -81,6 +81,11 @@ _T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26)
 PAIRED_KEYS = (("top1", "top-1"), ("map@1000", "mAP@1000"))
 
 
+def plain_name(row: dict) -> str:
+    """A row's name without the markdown bold the paper's row carries in the table."""
+    return row["name"].replace("**", "")
+
+
 def paired_difference(a: list[float], b: list[float]) -> dict:
     """The paired-by-seed difference ``a - b`` (same seed = same split, initialisation
     and batch order): its mean, the std of the per-seed differences, the larger of the two
@@ -134,17 +139,15 @@ def edge_notes(rows: list[dict], lrs: list[float], max_epochs: int, patience: in
     while val was still improving (best epoch within ``patience`` of the cap). Ablations
     take the paper's rate and the real-valued SGML row is SGML's run, so neither is named
     for the rate."""
-    def name(r: dict) -> str:
-        return r["name"].replace("**", "")
-
     own = [r for r in rows if r["label"] != SGML_REAL]
     out = []
-    for end, side in ((min(lrs), "smallest"), (max(lrs), "largest")) if len(lrs) > 1 else ():
-        names = sorted({name(r) for r in own if r["label"] not in ABLATIONS and r["mean"].get("lr") == end})
+    ends = ((min(lrs), "smallest"), (max(lrs), "largest")) if len(lrs) > 1 else ()  # one rate: no choice
+    for end, side in ends:
+        names = sorted({plain_name(r) for r in own if r["label"] not in ABLATIONS and r["mean"].get("lr") == end})
         if names:
             out.append(f"Chose the grid's {side} learning rate ({end:g}), so a rate beyond it was not "
                        f"tried: {'; '.join(names)}.")
-    capped = [f"{name(r)} ({r['bits']} bits, seed {seed})" for r in own
+    capped = [f"{plain_name(r)} ({r['bits']} bits, seed {seed})" for r in own
               for seed, n, best in zip(r["seeds"], r["per_seed"].get("epochs", []), r["per_seed"].get("best_epoch", []))
               if n is not None and best is not None and n >= max_epochs and n - best < patience]
     if capped:
@@ -270,7 +273,7 @@ def plot_pr(rows: list[dict], path: Path, title: str) -> bool:
         ax.plot(pr["recall"], pr["precision"], color="black" if paper else f"C{i % 10}",
                 linestyle="-" if paper else styles[(i // 10 + i) % len(styles)],
                 linewidth=2.4 if paper else 1.3, marker="." if paper else None, markersize=3,
-                label=r["name"].replace("**", ""), zorder=3 if paper else 2)
+                label=plain_name(r), zorder=3 if paper else 2)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0.0, 1.0)
