@@ -4,10 +4,12 @@ learning rate chosen on val, epochs shown, and a second invocation resumes (trai
 instead of starting again."""
 import json
 import math
+import time
 
 import pytest
 
 from fashionhash.cli import main
+from fashionhash.table.build import _Timer
 from fashionhash.table.report import update_readme
 
 
@@ -69,6 +71,11 @@ def test_quick_table(tiny_kaggle, synthetic_fmnist, tmp_path, capsys, caplog):
         assert set(chosen["chosen"]) == {"adversarial", "adversarial-no-cls", "sgml"} and chosen["lrs"] == [1e-3, 3e-3]
         # an ablation changes its loss only: the paper's rate, no candidates of its own
         assert chosen["chosen"]["adversarial-no-cls"] == chosen["chosen"]["adversarial"]
+        # ... and every candidate's val score is kept beside the choice, the chosen one the best
+        for label in ("adversarial", "sgml"):
+            val = chosen["val"][label]
+            assert set(val) == {"0.001", "0.003"}
+            assert val[f"{chosen['chosen'][label]:g}"] == max(val.values())
         assert not list((runs / ds / "lr").glob("adversarial-no-cls_*"))
         for r in rows:
             if r["label"] in ("adversarial", "adversarial-no-cls", "sgml"):
@@ -280,3 +287,34 @@ def test_edge_notes_name_rates_at_the_grid_ends_and_runs_the_cap_stopped():
     assert notes[2] == ("Stopped by the 60-epoch cap, val having improved within the last 5 epochs: "
                         "CSQ (64 bits, seed 0); ablation: no adversary (w_adv=0) (64 bits, seed 0).")
     assert len(notes) == 3 and edge_notes(rows, [1e-3], 60, 5) == [notes[2]]
+
+
+def test_table_timer_keeps_the_time_of_a_piece_stopped_midway(tmp_path):
+    """timings.json is saved while a piece runs and when it ends, even by Ctrl-C, so a
+    stopped invocation's time is counted; a piece that trained nothing adds nothing."""
+    run = tmp_path / "kaggle" / "csq_64_s0"
+    run.mkdir(parents=True)
+    path = tmp_path / "kaggle" / "timings.json"
+    timer = _Timer(path, every=0.05)
+    timer("resumed, nothing to do", time.sleep, 0.1)
+    assert not path.exists()
+    seen = []
+
+    def train_then_interrupted():
+        (run / "log.jsonl").write_text('{"event": "epoch"}\n')
+        time.sleep(0.4)
+        seen.append(json.loads(path.read_text()))  # saved by the beat, the piece still running
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        timer("train", train_then_interrupted)
+    assert 0 < seen[0]["train"] < 0.4 + 0.1
+    first = json.loads(path.read_text())
+    assert first["train"] >= 0.4 and first["resumed, nothing to do"] >= 0.1
+    assert first["total"] == pytest.approx(first["train"] + first["resumed, nothing to do"])
+    # the next invocation adds its pieces to what the stopped one kept
+    again = _Timer(path, every=60)
+    (run / "log.jsonl").write_text('{"event": "epoch"}\n{"event": "epoch"}\n')
+    again("train", time.sleep, 0.05)
+    second = json.loads(path.read_text())
+    assert second["train"] >= first["train"] + 0.05 and second["total"] >= first["total"] + 0.05

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -27,17 +28,55 @@ from fashionhash.table.runs import choose_lrs, train_runs
 log = logging.getLogger(__name__)
 
 
-class _Timer:
-    """Wall seconds per piece of the plan."""
+def _work_signature(ds_dir: Path) -> frozenset:
+    """What training and evaluation leave in a dataset's runs folder: the run logs (lr
+    candidates included) and metrics files, by name, size and modification time."""
+    files = [*ds_dir.glob("*/log.jsonl"), *ds_dir.glob("lr/*/log.jsonl"), *ds_dir.glob("*/metrics*.json")]
+    stats = {p: p.stat() for p in files}
+    return frozenset((str(p), st.st_size, st.st_mtime_ns) for p, st in stats.items())
 
-    def __init__(self) -> None:
+
+class _Timer:
+    """Wall seconds per piece of the plan, added over invocations in ``path``
+    (``timings.json``). Saved every ``every`` seconds while a piece runs and when it ends,
+    so an invocation stopped midway (Ctrl-C, a kill) keeps the time it spent; one that
+    trained and evaluated nothing (a table only rebuilt) adds nothing."""
+
+    def __init__(self, path: Path, every: float = 60.0) -> None:
+        self.path, self.every = path, every
+        self.base: dict[str, float] = read_json(path) or {}
         self.pieces: dict[str, float] = {}
+        self._before = _work_signature(path.parent)
 
     def __call__(self, piece: str, fn, *args):
-        t0 = time.time()
-        out = fn(*args)
-        self.pieces[piece] = self.pieces.get(piece, 0.0) + time.time() - t0
-        return out
+        t0, stop = time.time(), threading.Event()
+        beat = threading.Thread(target=self._beat, args=(piece, t0, stop), daemon=True)
+        beat.start()
+        try:
+            return fn(*args)
+        finally:
+            stop.set()
+            beat.join()
+            self.pieces[piece] = self.pieces.get(piece, 0.0) + time.time() - t0
+            self._save({})
+
+    def _beat(self, piece: str, t0: float, stop: threading.Event) -> None:
+        while not stop.wait(self.every):
+            self._save({piece: time.time() - t0})
+
+    def _save(self, running: dict[str, float]) -> None:
+        if _work_signature(self.path.parent) == self._before:
+            return
+        acc = dict(self.base)
+        for pieces in (self.pieces, running):
+            for k, v in pieces.items():
+                acc[k] = acc.get(k, 0.0) + v
+        acc["total"] = self.base.get("total", 0.0) + sum(self.pieces.values()) + sum(running.values())
+        write_json(self.path, acc)
+
+    def totals(self) -> dict[str, float]:
+        """Every invocation's pieces so far (what ``timings.json`` holds)."""
+        return read_json(self.path) or {}
 
 
 def run_dataset(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
@@ -111,11 +150,8 @@ def _lr_rule(lrs: tuple[float, ...]) -> str:
 def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: list[str], bits_list: list[int],
                    n_seeds: int, n_ablation_seeds: int) -> dict:
     """Run one dataset and gather its part of ``table.json``."""
-    timer = _Timer()
-    t0 = time.time()
-    done_before = len(list((opts.runs / plan.key).glob("*/metrics.json")))
+    timer = _Timer(opts.runs / plan.key / "timings.json")
     d, notes = run_dataset(opts, plan, labels, extra, bits_list, n_seeds, timer, n_ablation_seeds)
-    timer.pieces["total"] = time.time() - t0
     rows = collect(d, labels, bits_list, extra, max(n_seeds, n_ablation_seeds))
     notes += paired_notes(rows, max(bits_list))
     notes += edge_notes(rows, list(plan.lrs), plan.max_epochs, plan.patience)
@@ -123,13 +159,7 @@ def _dataset_table(opts: TableOptions, plan: Plan, labels: list[str], extra: lis
     has_png = plot_pr(rows, png, plan.title.split(" (")[0])
     if not d.keys:
         notes.append("nDCG@10 grades by class only here (this dataset has no attributes).")
-    # pieces add up over the invocations that trained or evaluated something (a resumed
-    # table skips finished runs; one that only rebuilds the table adds nothing)
-    acc = read_json(d.runs / "timings.json") or {}
-    if len(list(d.runs.glob("*/metrics.json"))) > done_before:
-        for k, v in timer.pieces.items():
-            acc[k] = acc.get(k, 0.0) + v
-        write_json(d.runs / "timings.json", acc)
+    acc = timer.totals()
     summary = run_summary(d.runs)
     notes.append("Measured wall time per piece, summed over the invocations that built these runs: "
                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in acc.items() if k != "total")

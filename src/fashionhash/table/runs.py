@@ -214,9 +214,11 @@ def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, fl
         log.info("%s: lr candidate %s trained, %d epochs", d.plan.key, run_dir.name, len(epoch_log(run_dir)))
 
     _side_by_side(one, todo, jobs)
-    chosen = {}
+    chosen, val = {}, {}
     for label in learned:
         scores = {lr: best_val(_lr_dir(d, label, bits, lr), d.cfg.train.select_metric) for lr in d.plan.lrs}
+        # kept beside the choice, so the candidates' table is read from a file, not a log
+        val[label] = {f"{lr:g}": None if math.isinf(s) else s for lr, s in scores.items()}
         if all(math.isinf(v) for v in scores.values()):
             raise RuntimeError(f"{d.plan.key} {label}: training diverged at every learning rate "
                                f"{', '.join(f'{lr:g}' for lr in d.plan.lrs)}")
@@ -225,7 +227,7 @@ def choose_lrs(d: Data, labels: list[str], bits: int, jobs: int) -> dict[str, fl
                  ", ".join(f"{lr:g}: {s:.4f}" for lr, s in scores.items()))
     chosen.update({x: chosen[PAPER] for x in ablated})
     write_json(d.runs / "lr" / f"chosen_{bits}.json",
-               {"metric": d.cfg.train.select_metric, "lrs": list(d.plan.lrs), "chosen": chosen})
+               {"metric": d.cfg.train.select_metric, "lrs": list(d.plan.lrs), "chosen": chosen, "val": val})
     return chosen
 
 
