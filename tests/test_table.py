@@ -308,7 +308,7 @@ def test_table_timer_keeps_the_time_of_a_piece_stopped_midway(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         timer("train", train_then_interrupted)
-    assert 0 < seen[0]["train"] < 0.4 + 0.1
+    assert seen[0]["train"] > 0
     first = json.loads(path.read_text())
     assert first["train"] >= 0.4 and first["resumed, nothing to do"] >= 0.1
     assert first["total"] == pytest.approx(first["train"] + first["resumed, nothing to do"])

@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 def _work_signature(ds_dir: Path) -> frozenset:
     """What training and evaluation leave in a dataset's runs folder: the run logs (lr
     candidates included) and metrics files, by name, size and modification time."""
-    files = [*ds_dir.glob("*/log.jsonl"), *ds_dir.glob("lr/*/log.jsonl"), *ds_dir.glob("*/metrics*.json")]
-    stats = {p: p.stat() for p in files}
-    return frozenset((str(p), st.st_size, st.st_mtime_ns) for p, st in stats.items())
+    seen = set()
+    for p in [*ds_dir.glob("*/log.jsonl"), *ds_dir.glob("lr/*/log.jsonl"), *ds_dir.glob("*/metrics*.json")]:
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # its run folder set aside (renamed) while this looked
+            continue
+        seen.add((str(p), st.st_size, st.st_mtime_ns))
+    return frozenset(seen)
 
 
 class _Timer:
