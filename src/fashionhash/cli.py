@@ -236,8 +236,8 @@ def _check_same_catalogue(run_dir: Path, config: Path, overrides: list[str]) -> 
 
 
 def _cmd_demo(args) -> int:
-    """Train the demo's method (CSQ; the paper's with ``method.name=adversarial``) on a
-    catalogue (or Fashion-MNIST), evaluate, index, serve."""
+    """Train the demo config's method on a catalogue (or Fashion-MNIST), evaluate, index,
+    serve. The method is the config's (not named here, where it would go stale)."""
     if _rank_world()[1] > 1:
         raise ValueError("demo runs in one process (it ends by serving): under torchrun use `train`")
     configs = Path(__file__).resolve().parents[2] / "configs"  # the source tree's (absent when installed)
@@ -713,8 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heading", default="## Results", help="heading written above the table")
     r.set_defaults(func=_cmd_report)
 
-    d = sub.add_parser("demo", help="train + evaluate a hashing method (CSQ; method.name=adversarial for the "
-                                       "paper's) on a catalogue, index it, serve it")
+    d = sub.add_parser("demo", help="train + evaluate the demo config's hashing method on a catalogue (e.g. "
+                                       "method.name=adversarial for the paper's), index it, serve it")
     d.add_argument("--data", help="Kaggle-layout folder or manifest CSV (default: $FASHIONHASH_DATA, else "
                                   "../shared/data/fashion-product-images-small if present, else Fashion-MNIST)")
     d.add_argument("--run-dir", default="runs/demo")

@@ -73,10 +73,8 @@ class _Timer:
         if _work_signature(self.path.parent) == self._before:
             return
         acc = dict(self.base)
-        for pieces in (self.pieces, running):
-            for k, v in pieces.items():
-                acc[k] = acc.get(k, 0.0) + v
-        acc["total"] = self.base.get("total", 0.0) + sum(self.pieces.values()) + sum(running.values())
+        for k, v in [*self.pieces.items(), *running.items(), ("total", sum(self.pieces.values()) + sum(running.values()))]:
+            acc[k] = acc.get(k, 0.0) + v
         write_json(self.path, acc)
 
     def totals(self) -> dict[str, float]:
